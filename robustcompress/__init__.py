@@ -1,0 +1,34 @@
+"""robustcompress: keep PyTorch models compressible yet adversarially robust.
+
+Structured compressibility — a few neurons or a few singular directions
+carrying most of a layer's energy — creates a few highly sensitive input
+directions that attackers exploit. robustcompress tracks that concentration
+while a model trains (warm-started subspace iteration, shared by every term)
+and penalises the sensitive-direction part of the robustness bound
+
+    log K₂ = Σ_l log ‖W_l‖_F + ½ Σ_l log c_spec(W_l) + Σ_l log L_φ,
+    c_spec = σ₁² / Σ_j σ_j²,
+
+so models stay prunable / low-rank without handing attackers a few directions.
+
+Example:
+    >>> import torch, robustcompress as rc
+    >>> model = rc.MLP(64, (32, 32), 10)
+    >>> state = rc.SpectralState(model, k=4)
+    >>> state.step()
+"""
+
+from .data import cifar10, digits, gaussian_mixture, linearly_separable, loader, write_fake_cifar10
+from .layers import LowRankConv2d, LowRankLinear, best_rank_factors, to_low_rank
+from .models import MLP, SmallCNN, resnet18, vgg11, vgg16
+from .spectral import (
+    LinearOperator,
+    SpectralState,
+    cholesky_qr2,
+    conv_operator,
+    matrix_view,
+    operator_for,
+    record_input_shapes,
+)
+
+__version__ = "0.1.0"

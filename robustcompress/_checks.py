@@ -1,0 +1,106 @@
+"""Argument checks shared by every public function.
+
+Each check raises with the argument's name, what came, and what is allowed,
+in the style of ``torch.nn.utils.parametrizations.spectral_norm``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+_NORM_ALIASES = {
+    "l2": 2.0,
+    "2": 2.0,
+    "linf": math.inf,
+    "l_inf": math.inf,
+    "inf": math.inf,
+}
+
+
+def norm_arg(norm: Any, name: str = "norm") -> float:
+    """Normalise a norm spelling to ``2.0`` or ``math.inf``.
+
+    Accepted: ``2``, ``float("inf")``, and the strings ``"l2"``, ``"linf"``,
+    ``"inf"`` (case-insensitive).
+
+    >>> norm_arg("linf")
+    inf
+    """
+    if isinstance(norm, str):
+        key = norm.strip().lower()
+        if key in _NORM_ALIASES:
+            return _NORM_ALIASES[key]
+    elif isinstance(norm, (int, float)) and not isinstance(norm, bool):
+        if norm == 2:
+            return 2.0
+        if math.isinf(norm) and norm > 0:
+            return math.inf
+    raise ValueError(
+        f"Expected {name} to be 2 or float('inf') (or one of the strings 'l2', 'linf', 'inf'), "
+        f"but got {name}={norm!r}"
+    )
+
+
+def positive_int(value: Any, name: str) -> int:
+    """Return ``value`` if it is an int ≥ 1, else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Expected {name} to be a positive integer, but got {name}={value!r}")
+    return value
+
+
+def nonnegative_int(value: Any, name: str) -> int:
+    """Return ``value`` if it is an int ≥ 0, else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"Expected {name} to be a non-negative integer, but got {name}={value!r}")
+    return value
+
+
+def nonnegative_float(value: Any, name: str) -> float:
+    """Return ``float(value)`` if it is a finite real ≥ 0, else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Expected {name} to be a real number, but got {name}={value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"Expected {name} to be finite and >= 0, but got {name}={value!r}")
+    return float(value)
+
+
+def positive_float(value: Any, name: str) -> float:
+    """Return ``float(value)`` if it is a finite real > 0, else raise naming ``name``."""
+    value = nonnegative_float(value, name)
+    if value == 0:
+        raise ValueError(f"Expected {name} to be > 0, but got {name}={value!r}")
+    return value
+
+
+def fraction(value: Any, name: str, *, closed_right: bool = False) -> float:
+    """Return ``float(value)`` if it lies in [0, 1) (or [0, 1] with ``closed_right``)."""
+    value = nonnegative_float(value, name)
+    if value > 1 or (value == 1 and not closed_right):
+        allowed = "[0, 1]" if closed_right else "[0, 1)"
+        raise ValueError(f"Expected {name} to lie in {allowed}, but got {name}={value!r}")
+    return value
+
+
+def float_tensor(t: Any, name: str) -> torch.Tensor:
+    """Return ``t`` if it is a non-empty floating-point tensor, else raise naming ``name``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"Expected {name} to be a torch.Tensor, but got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"Expected {name} to be a floating-point tensor, but got dtype={t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"Expected {name} to be non-empty, but got shape {tuple(t.shape)}")
+    return t
+
+
+def domain_arg(domain: Any, name: str = "domain") -> tuple[float, float]:
+    """Return ``(lo, hi)`` with finite ``lo < hi``."""
+    try:
+        lo, hi = (float(v) for v in domain)
+    except (TypeError, ValueError):
+        raise TypeError(f"Expected {name} to be a pair (lo, hi), but got {name}={domain!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"Expected {name}=(lo, hi) with finite lo < hi, but got {name}={domain!r}")
+    return lo, hi

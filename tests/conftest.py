@@ -1,0 +1,64 @@
+"""Shared test configuration.
+
+``TRITON_INTERPRET`` must be set before anything imports Triton, so the
+fused-kernel tests can run Triton's interpreter on CPU tensors.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci",
+    deadline=None,
+    derandomize=True,
+    max_examples=25,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("dev", deadline=None, max_examples=60)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def digits_data():
+    """Digits scaled to [0, 1], the fixed stratified split: (train, test) TensorDatasets."""
+    from robustcompress.data import digits
+
+    return digits(seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_digits_mlp(digits_data):
+    """A small digits MLP (64-64-64-10, ReLU) trained once for every test that needs one.
+
+    Returns the model in eval mode; tests must not modify it (deepcopy first).
+    """
+    from robustcompress.models import MLP
+
+    train, _ = digits_data
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = MLP(64, (64, 64), 10)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = train.tensors
+    for _ in range(40):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), 128):
+            idx = perm[i : i + 128]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
