@@ -57,6 +57,11 @@ __all__ = [
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, LowRankLinear, LowRankConv2d)
 
+# Layers up to this many weights are stacked into one bmm per shape group: for
+# them per-call overhead dominates. Larger ones are multiplied in place, since
+# stacking would copy (read and write) every weight once more per step.
+BATCH_MAX_NUMEL = 1 << 18
+
 # Modules that carry weights but have no operator view here yet: refused by name.
 _REFUSED = {
     nn.Conv3d: "Conv3d is not supported yet",
@@ -140,7 +145,8 @@ class MatrixView(LinearOperator):
         m = weight.shape[0]
         n = groups * weight[0].numel()
         self.shape = (m, n)
-        self.batch_key = ("matrix", m, n, str(weight.device), _compute_dtype(weight.dtype)) if groups == 1 else None
+        batchable = groups == 1 and m * n <= BATCH_MAX_NUMEL
+        self.batch_key = ("matrix", m, n, str(weight.device), _compute_dtype(weight.dtype)) if batchable else None
 
     @property
     def device(self):
