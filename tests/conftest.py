@@ -58,7 +58,6 @@ def trained_digits_mlp(digits_data):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+    opt.zero_grad(set_to_none=True)
     model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
     return model
