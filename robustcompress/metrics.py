@@ -153,7 +153,7 @@ def rows_for_energy(w: torch.Tensor, fraction_: float = 0.99) -> int:
         An int in ``[1, out]`` (0 for a zero weight).
 
     Example:
-        >>> rows_for_energy(torch.diag(torch.tensor([10.0, 1.0, 0.1])), 0.99)
+        >>> rows_for_energy(torch.diag(torch.tensor([10.0, 3.0, 0.1])), 0.99)
         2
     """
     f = _fraction_arg(fraction_)
@@ -223,7 +223,7 @@ def best_k_entry_error(w: torch.Tensor, kappa: int) -> torch.Tensor:
 
     Example:
         >>> best_k_entry_error(torch.tensor([[3.0, 4.0, 0.0]]), 1)
-        tensor([0.8000])
+        tensor([0.6000])
     """
     kappa = positive_int(kappa, "kappa")
     m = as_matrix(w)
@@ -504,7 +504,7 @@ def rank_for_energy(
         reach the share (the rank is then "> k": not guessed).
 
     Example:
-        >>> rank_for_energy(torch.tensor([10.0, 1.0, 0.1]), 0.99)
+        >>> rank_for_energy(torch.tensor([10.0, 3.0, 0.1]), 0.99)
         2
         >>> rank_for_energy(torch.tensor([1.0]), 0.99, frobenius=2.0) is None
         True
@@ -559,26 +559,6 @@ class Metric:
         return f"{self.value:.4g}"
 
 
-def _layer_matrix(module: nn.Module, state: Any, name: str) -> list[torch.Tensor]:
-    """The matrix-view blocks the metrics are taken on (folded BN when the state folds it)."""
-    from .spectral import matrix_view
-
-    if state is not None:
-        op = state.operator(name)
-        if tuple(op.shape) == tuple(matrix_view_shape(module)):
-            return [b.detach() for b in op.blocks()]
-    return [b.detach() for b in matrix_view(module).blocks()]
-
-
-def matrix_view_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out, in·k…)`` of a layer's matrix view (low-rank layers: the product's shape)."""
-    if hasattr(module, "weight_a") and hasattr(module, "weight_b"):
-        a, b = module.weight_a, module.weight_b
-        return int(b.shape[0]), int(a[0].numel())
-    w = module.weight
-    return int(w.shape[0]), int(w[0].numel())
-
-
 def layer_metrics(
     state_or_model: nn.Module,
     name: str,
@@ -623,7 +603,7 @@ def layer_metrics(
         >>> m["stable_rank"].source
         'exact'
     """
-    from .spectral import SpectralState
+    from .spectral import SpectralState, matrix_view
 
     if isinstance(exact_threshold, bool) or not isinstance(exact_threshold, int) or exact_threshold < 0:
         raise ValueError(
@@ -631,39 +611,44 @@ def layer_metrics(
         )
     k = _k_arg(k)
     f = _fraction_arg(fraction_, "fraction_")
+    if not isinstance(name, str):
+        raise TypeError(f"Expected name to be a layer name (str), but got {type(name).__name__}")
     if isinstance(state_or_model, SpectralState):
         state = state_or_model
         if name not in state.names:
             raise ValueError(f"Expected name to be one of the state's layers {state.names}, but got name={name!r}")
-        module = state.module(name)
+        fresh = False
     elif isinstance(state_or_model, nn.Module):
-        state = None
         modules = dict(state_or_model.named_modules())
         if name not in modules:
             raise ValueError(f"Expected name to be a module of the model, but got name={name!r}")
-        module = modules[name]
+        # A one-layer state finds the BatchNorm to fold and the operator; no iteration yet.
+        state = SpectralState(state_or_model, k=k, layers=[name], init_iter=0)
+        fresh = True
     else:
         raise TypeError(
             f"Expected state_or_model to be a SpectralState or an nn.Module, but got {type(state_or_model).__name__}"
         )
-
-    blocks = _layer_matrix(module, state, name) if state is not None else _model_blocks(state_or_model, module)
-    rows = torch.cat([_block_rows(b) for b in blocks], 0).double()
-    m_total = rows.shape[0]
+    module = state.module(name)
+    op = state.operator(name)
+    with torch.no_grad():
+        # Neurons are the rows of the (BN-folded) matrix view in every view.
+        rows = torch.cat([b.detach() for b in matrix_view(module, state.folded_bn(name)).blocks()], 0).double()
+        frob = state.frobenius(name).detach().double().reshape(())
+        m_op, n_op = op.shape
+        exact = m_op * n_op <= exact_threshold
+        if exact:
+            s = torch.sort(torch.cat([torch.linalg.svdvals(b.detach().double()) for b in op.blocks()]),
+                           descending=True).values
+            frob = s.square().sum().sqrt()
+            src = "exact"
+        else:
+            if fresh:
+                state.step(30)
+            s = state.sigmas(name).detach().double()
+            src = "estimate"
     out: dict[str, Metric] = {}
-    frob = rows.square().sum().sqrt()
     out["frobenius"] = Metric(float(frob), "exact")
-    numel = sum(b.numel() for b in blocks)
-    exact = numel <= exact_threshold
-    if exact:
-        s = torch.sort(torch.cat([torch.linalg.svdvals(b.double()) for b in blocks]), descending=True).values
-        src = "exact"
-    else:
-        if state is None:
-            state = SpectralState(state_or_model, k=k, layers=[name])
-            state.step(30)
-        s = state.sigmas(name).detach().double()
-        src = "estimate"
     s_k = s[: max(1, min(k, s.numel()))]
     fr = None if exact else frob
     zero = float(frob) == 0.0
@@ -689,15 +674,4 @@ def layer_metrics(
     out["pq_index"] = Metric(nan if zero else float(pq_index(row_norms(rows))), "exact")
     out["dead_rows"] = Metric(dead_row_fraction(rows, rtol=dead_rtol), "exact")
     out["max_row_l1"] = Metric(float(max_row_l1(rows)), "exact")
-    assert m_total >= 1
     return out
-
-
-def _block_rows(b: torch.Tensor) -> torch.Tensor:
-    return b.detach()
-
-
-def _model_blocks(model: nn.Module, module: nn.Module) -> list[torch.Tensor]:
-    from .spectral import matrix_view
-
-    return [b.detach() for b in matrix_view(module).blocks()]

@@ -259,7 +259,7 @@ class FunctionOperator(LinearOperator):
 
     ``fn`` maps a batch ``N × input_shape`` to ``N × output_shape`` linearly
     (the layer without its bias, any padding mode); the adjoint is the
-    vector–Jacobian product of ``fn``, exact for every padding mode.
+    vector–Jacobian product of ``fn`` (autograd), exact for every padding mode.
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], input_shape: Sequence[int],
@@ -296,11 +296,15 @@ class FunctionOperator(LinearOperator):
 
     def rmatvec(self, u):
         k = u.shape[1]
-        x0 = torch.zeros((k, *self.input_shape), device=u.device, dtype=u.dtype)
-        # vjp of a linear map at any point is its adjoint; the weight is closed
-        # over, so the product stays differentiable with respect to it.
-        _, pullback = torch.func.vjp(self._apply, x0)
-        (g,) = pullback(rearrange(u, "m k -> k m").reshape(k, *self.output_shape))
+        differentiable = torch.is_grad_enabled()
+        # The vector–Jacobian product of a linear map (at any point) is its
+        # adjoint, exact for every padding mode. Plain autograd rather than
+        # torch.func.vjp: the latter imports torch._dynamo (seconds) on first use.
+        with torch.enable_grad():
+            x0 = torch.zeros((k, *self.input_shape), device=u.device, dtype=u.dtype, requires_grad=True)
+            y = self._apply(x0)
+            (g,) = torch.autograd.grad(y, x0, rearrange(u, "m k -> k m").reshape(k, *self.output_shape),
+                                       create_graph=differentiable)
         return rearrange(g.reshape(k, -1), "k n -> n k")
 
     def frobenius(self):
@@ -352,7 +356,7 @@ def conv_operator(layer: nn.Module, input_shape: Sequence[int], bn: nn.Module | 
     """The convolution as the linear map it is at ``input_shape`` (bias excluded).
 
     Stride, dilation, groups and every padding mode are honoured (the layer's
-    own convolution is applied); the adjoint is exact through ``torch.func.vjp``.
+    own convolution is applied); the adjoint is exact through autograd's vector–Jacobian product.
 
     Args:
         layer: ``nn.Conv1d``, ``nn.Conv2d`` or ``LowRankConv2d``.
