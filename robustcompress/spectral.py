@@ -53,6 +53,7 @@ __all__ = [
     "cholesky_qr2",
     "SpectralState",
     "SUPPORTED_LAYERS",
+    "unsupported_reason",
 ]
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, LowRankLinear, LowRankConv2d)
@@ -486,6 +487,36 @@ def cholesky_qr2(y: torch.Tensor) -> torch.Tensor:
     return q
 
 
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why the spectral state cannot track ``module``.
+
+    Returns:
+        None if it is a supported layer; ``""`` if it holds no weight of its
+        own (containers, activations, …); otherwise the reason, for messages.
+    """
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module):
+        return "parametrized modules (torch.nn.utils.parametrize, e.g. weight_norm/spectral_norm) are not supported"
+    if hasattr(module, "weight_g") and hasattr(module, "weight_v"):
+        return "weight_norm'ed modules are not supported"
+    for t, why in _REFUSED.items():
+        if type(module) is t:
+            return why
+    if isinstance(module, SUPPORTED_LAYERS):
+        w = module.weight_a if isinstance(module, (LowRankLinear, LowRankConv2d)) else module.weight
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            return f"its weight is not a floating-point tensor (dtype={getattr(w, 'dtype', None)})"
+        if w.numel() == 0:
+            return "its weight is empty"
+        if "lora" in type(module).__name__.lower():
+            return "LoRA adapters are not supported"
+        return None
+    if "lora" in type(module).__name__.lower():
+        return "LoRA adapters are not supported"
+    return ""
+
+
 def _find_bn_successors(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
     """Layers whose only consumer is a BatchNorm module, found by tracing with torch.fx."""
     try:
@@ -602,14 +633,14 @@ class SpectralState(nn.Module):
                 known = [n for n, m in named.items() if isinstance(m, SUPPORTED_LAYERS)]
                 raise ValueError(f"Unknown layer names {unknown}; supported layers of this model: {known}")
             for n in layers:
-                reason = self._unsupported_reason(named[n])
+                reason = unsupported_reason(named[n])
                 if reason:
                     raise ValueError(f"Layer {n!r} ({type(named[n]).__name__}) cannot be tracked: {reason}")
             candidates = list(layers)
         else:
             candidates = []
             for name, module in named.items():
-                reason = self._unsupported_reason(module)
+                reason = unsupported_reason(module)
                 if reason is None:
                     candidates.append(name)
                 elif reason != "":
@@ -658,33 +689,7 @@ class SpectralState(nn.Module):
             self.step(init_iter)
             self.steps.zero_()
 
-    @staticmethod
-    def _unsupported_reason(module: nn.Module) -> str | None:
-        """None if supported; "" if the module holds no weight of its own; else why not."""
-        try:
-            from torch.nn.utils import parametrize
-            if parametrize.is_parametrized(module):
-                return "parametrized modules (torch.nn.utils.parametrize, e.g. weight_norm/spectral_norm) are not supported"
-        except ImportError:  # pragma: no cover
-            pass
-        if hasattr(module, "weight_g") and hasattr(module, "weight_v"):
-            return "weight_norm'ed modules are not supported"
-        for t, why in _REFUSED.items():
-            if type(module) is t:
-                return why
-        if isinstance(module, SUPPORTED_LAYERS):
-            w = module.weight_a if isinstance(module, (LowRankLinear, LowRankConv2d)) else module.weight
-            if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-                return f"its weight is not a floating-point tensor (dtype={getattr(w, 'dtype', None)})"
-            if w.numel() == 0:
-                return "its weight is empty"
-            if "lora" in type(module).__name__.lower():
-                return "LoRA adapters are not supported"
-            return None
-        if "lora" in type(module).__name__.lower():
-            return "LoRA adapters are not supported"
-        return ""
-
+    # ------------------------------------------------------------------ access
     # ------------------------------------------------------------------ access
     @property
     def model(self) -> nn.Module:
@@ -698,8 +703,12 @@ class SpectralState(nn.Module):
 
     @property
     def head_name(self) -> str | None:
-        """The classifier head: the last tracked layer in module order."""
-        return self._names[-1] if self._names else None
+        """The classifier head: the model's last supported layer in module order (tracked or not)."""
+        last = None
+        for name, module in self._model.named_modules():
+            if unsupported_reason(module) is None:
+                last = name
+        return last
 
     def _buf(self, name: str) -> _LayerBuffers:
         if name in self.aliases:
@@ -845,63 +854,82 @@ class SpectralState(nn.Module):
     def step(self, n_iter: int = 1) -> None:
         """Run ``n_iter`` warm subspace iterations on every tracked layer.
 
+        Non-finite values are kept out of the buffers without a host
+        synchronisation; the check that raises or warns costs one
+        synchronisation per call (per iteration with ``k > 1``, where
+        CholeskyQR2 decides on its QR fallback on the host).
+
         Raises:
             ValueError: a weight holds NaN/Inf (``on_nonfinite="raise"``), or a
                 layer's shape changed since the state was built.
         """
         positive_int(n_iter, "n_iter")
         self._check_shapes()
+        finite_flags: list[torch.Tensor] = []
         for _ in range(n_iter):
             products = self._products(self._names)
             by_k: dict[tuple, list[str]] = {}
             for name in self._names:
-                u0, y = products[name]
+                u0 = products[name][0]
                 by_k.setdefault((u0.shape[1], str(u0.device), u0.dtype), []).append(name)
-            bad = []
-            for members in by_k.values():
-                bad.extend(self._ritz_update(members, products))
-            if bad:
-                msg = (f"Non-finite values (NaN/Inf) in the weights of layer(s) {bad}; "
-                       "their spectral state was left unchanged")
-                if self.on_nonfinite == "raise":
-                    raise ValueError(msg + " (pass on_nonfinite='skip' to warn instead)")
-                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            flags = {}
+            for (k, _, _), members in by_k.items():
+                update = self._power_update if k == 1 else self._ritz_update
+                flags.update(update(members, products))
+            finite_flags.append(torch.stack([flags[n].to(self.steps.device) for n in self._names]))
             self.steps += 1
+        ok = torch.stack(finite_flags).all(0).tolist()
+        bad = [n for n, good in zip(self._names, ok) if not good]
+        if bad:
+            msg = (f"Non-finite values (NaN/Inf) in the weights of layer(s) {bad}; "
+                   "their spectral state was left unchanged")
+            if self.on_nonfinite == "raise":
+                raise ValueError(msg + " (pass on_nonfinite='skip' to warn instead)")
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
-    def _ritz_update(self, members: list[str], products) -> list[str]:
-        bufs = [self.layers[_key(n)] for n in members]
-        # Rayleigh–Ritz on span(V): G = U₀ᵀU₀ = VᵀWᵀWV, batched over layers.
+    def _power_update(self, members: list[str], products) -> dict[str, torch.Tensor]:
+        """k = 1: σ = ‖W v‖, u = W v / σ, v ← WᵀW v / ‖WᵀW v‖ (Rayleigh–Ritz needs no eigensolver)."""
+        flags = {}
+        for name in members:
+            buf = self.layers[_key(name)]
+            u0, y = products[name]
+            s = torch.linalg.vector_norm(u0)
+            ynorm = torch.linalg.vector_norm(y)
+            tiny = torch.finfo(s.dtype).tiny
+            ok = torch.isfinite(s) & torch.isfinite(ynorm)
+            # σ = 0 (a zero matrix) has no singular vectors: keep the previous ones.
+            live = ok & (s > tiny) & (ynorm > tiny)
+            buf.U.copy_(torch.where(live, u0 / s.clamp_min(tiny), buf.U))
+            buf.V.copy_(torch.where(live, y / ynorm.clamp_min(tiny), buf.V))
+            buf.S.copy_(torch.where(ok, s, buf.S).reshape(1))
+            flags[name] = ok
+        return flags
+
+    def _ritz_update(self, members: list[str], products) -> dict[str, torch.Tensor]:
+        """k > 1: Rayleigh–Ritz on span(V), G = U₀ᵀU₀ = VᵀWᵀWV, batched over layers."""
         grams = torch.stack([products[n][0].T @ products[n][0] for n in members])
         finite = torch.isfinite(grams).flatten(1).all(1)
         grams = torch.where(finite[:, None, None], grams, torch.zeros_like(grams))
         lam, q = torch.linalg.eigh(grams)
         lam, q = lam.flip(-1), q.flip(-1)
         sig = lam.clamp_min(0).sqrt()
-        bad = [n for n, ok in zip(members, finite.tolist()) if not ok]
         tiny = torch.finfo(sig.dtype).eps * sig[:, :1].clamp_min(torch.finfo(sig.dtype).tiny) * 16
-        for i, (name, buf) in enumerate(zip(members, bufs)):
-            if name in bad:
-                continue
+        flags = {}
+        for i, name in enumerate(members):
+            buf = self.layers[_key(name)]
             u0, y = products[name]
-            qi = q[i]
-            if not bool(torch.isfinite(y).all()):
-                bad.append(name)
-                continue
-            s = sig[i]
-            u_new = (u0 @ qi) / s.clamp_min(torch.finfo(s.dtype).tiny)
-            # Directions with σ ≈ 0 carry no left vector: keep the previous one.
-            live = s > tiny[i]
-            u_new = torch.where(live[None, :], u_new, buf.U)
-            y_rot = y @ qi
-            y_rot = torch.where(live[None, :], y_rot, buf.V @ qi)
-            if not bool(live.any()):
-                v_new = buf.V @ qi
-            else:
-                v_new = cholesky_qr2(y_rot)
+            ok = finite[i] & torch.isfinite(y).all()
+            flags[name] = ok
+            qi, s = q[i], sig[i]
+            # Directions with σ ≈ 0 carry no singular vectors: keep the previous ones.
+            live = (s > tiny[i]) & ok
+            u_new = torch.where(live[None, :], (u0 @ qi) / s.clamp_min(torch.finfo(s.dtype).tiny), buf.U)
+            y_rot = torch.where(live[None, :], y @ qi, buf.V @ qi)
+            v_new = cholesky_qr2(torch.where(ok, y_rot, buf.V))
             buf.U.copy_(u_new)
-            buf.V.copy_(v_new)
-            buf.S.copy_(s)
-        return bad
+            buf.V.copy_(torch.where(ok, v_new, buf.V))
+            buf.S.copy_(torch.where(ok, s, buf.S))
+        return flags
 
     def extra_repr(self) -> str:
         return f"layers={len(self._names)}, k={self.k}, view={self.view!r}, fold_bn={self.fold_bn}"

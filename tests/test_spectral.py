@@ -165,11 +165,13 @@ def test_gradient_of_sigma_is_u_v_transpose():
     assert torch.allclose(ours, ref_w.grad, atol=1e-8)
 
 
-def test_batched_and_per_layer_paths_agree():
+@pytest.mark.parametrize("k", [1, 3])
+def test_batched_and_per_layer_paths_agree(k):
+    # k = 1 takes the power-iteration fast path; k = 3 the batched Rayleigh–Ritz path.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16),
                           nn.Conv1d(16, 16, 1))
-    state = SpectralState(model, k=3, init_iter=0)
+    state = SpectralState(model, k=k, init_iter=0)
     ref = copy.deepcopy(state)
     state.step(5)
     # Per layer, by hand, from the same starting vectors.
@@ -182,6 +184,7 @@ def test_batched_and_per_layer_paths_agree():
             v = cholesky_qr2(op.rmatvec(u0).detach() @ q.flip(-1))
             s = lam.flip(-1).clamp_min(0).sqrt()
         assert torch.allclose(state.sigmas(name), s, rtol=1e-5), name
+        assert torch.allclose(state.vectors(name)[1].abs(), v.abs(), atol=1e-4), name
 
 
 def test_bn_folding_and_low_rank_product():
@@ -232,15 +235,16 @@ def test_tied_weights_counted_once():
     assert torch.equal(state.sigmas("2"), state.sigmas("0"))
 
 
-def test_nonfinite_weights_raise_or_skip_without_poisoning_the_state():
+@pytest.mark.parametrize("k", [1, 2])
+def test_nonfinite_weights_raise_or_skip_without_poisoning_the_state(k):
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    state = SpectralState(model, k=2)
+    state = SpectralState(model, k=k)
     before = state.vectors("2")[1].clone()
     with torch.no_grad():
         model[2].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="'2'"):
         state.step()
-    skipping = SpectralState(model, k=2, on_nonfinite="skip", init_iter=0)
+    skipping = SpectralState(model, k=k, on_nonfinite="skip", init_iter=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         skipping.step()
@@ -252,6 +256,7 @@ def test_nonfinite_weights_raise_or_skip_without_poisoning_the_state():
     assert torch.equal(state.vectors("2")[1], before)
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 def test_bad_inputs_are_rejected_clearly():
     with pytest.raises(ValueError, match="no layer"):
         SpectralState(nn.Sequential(nn.ReLU()))

@@ -1,0 +1,309 @@
+"""Trackers: representation and weight statistics recorded on forward passes, every N steps.
+
+``track(model, every=100)`` registers forward hooks. A *step* is one
+training-mode forward pass of the model (eval-mode passes are neither counted
+nor recorded). On every ``every``-th step (the first included) each tracked
+layer's output ``A`` (``batch × features``; a convolution's output as
+``(batch·positions) × channels``) gives
+
+* ``effective_rank``: ``exp(−Σ_j p_j log p_j)``, ``p_j = σ_j(A)/Σ_l σ_l(A)``;
+* ``stable_rank``: ``‖A‖_F² / σ₁(A)²``;
+* ``active_fraction``: the share of units positive for at least one example
+  (alive after a ReLU);
+* ``top_neuron_share``: ``max_i ‖A_{:,i}‖² / ‖A‖_F²`` (energy of the heaviest unit);
+
+and, from the shared :class:`~robustcompress.spectral.SpectralState`, each
+layer's ``sigma_1`` (warm estimate), ``frobenius`` and ``weight_stable_rank``
+``‖W‖_F²/σ₁²``. Off-steps cost a counter check plus, with ``check_finite``,
+one ``isfinite().all()`` per layer output accumulated into a device flag
+(no host synchronisation); the flag is read, and a NaN/Inf raised naming the
+first layer, at the next tracking step.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    >>> records = []
+    >>> tracker = track(model, every=2, sink=records)
+    >>> for _ in range(3):
+    ...     _ = model(torch.randn(32, 8))
+    >>> sorted({r["step"] for r in records})
+    [0, 2]
+    >>> tracker.remove()
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+from typing import Any, Callable
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from ._checks import positive_int
+from .penalties import _select, unwrap_model
+from .spectral import SpectralState
+
+try:  # the metrics module holds the reference definitions; fall back to the formulas inline
+    from .metrics import effective_rank as _effective_rank
+    from .metrics import stable_rank as _stable_rank
+except ImportError:  # pragma: no cover
+    _effective_rank = _stable_rank = None
+
+__all__ = ["track", "Tracker"]
+
+
+def _spectrum_stats(s: torch.Tensor) -> tuple[float, float]:
+    """(effective rank, stable rank) from all singular values ``s`` (descending)."""
+    if float(s[0]) == 0:
+        return float("nan"), float("nan")
+    if _effective_rank is not None:
+        return float(_effective_rank(s)), float(_stable_rank(s))
+    p = s / s.sum()
+    h = -(torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny)), torch.zeros_like(p))).sum()
+    return float(torch.exp(h)), float(s.square().sum() / s[0].square())
+
+
+class _Sink:
+    """Records in long format ``{"step", "layer", "metric", "value"}`` to one destination."""
+
+    def __init__(self, sink: Any, records: list) -> None:
+        self._file = None
+        self._writer = None
+        if sink is None:
+            self.kind, self.target = "list", records
+        elif isinstance(sink, list):
+            self.kind, self.target = "list", sink
+        elif hasattr(sink, "add_scalar"):
+            self.kind, self.target = "scalar", sink
+        elif isinstance(sink, (str, os.PathLike)):
+            path = pathlib.Path(sink)
+            if path.suffix not in (".csv", ".jsonl"):
+                raise ValueError(f"Expected a sink path ending in .csv or .jsonl, but got sink={str(sink)!r}")
+            self.kind, self.target = path.suffix[1:], path
+        elif callable(sink):
+            self.kind, self.target = "call", sink
+        else:
+            raise TypeError("Expected sink to be None, a list, a callable, a .csv/.jsonl path or an object with "
+                            f"add_scalar (e.g. a TensorBoard SummaryWriter), but got {type(sink).__name__}")
+
+    def write(self, rows: list[dict]) -> None:
+        if self.kind == "list":
+            self.target.extend(rows)
+        elif self.kind == "call":
+            for r in rows:
+                self.target(r)
+        elif self.kind == "scalar":
+            for r in rows:
+                self.target.add_scalar(f"{r['layer']}/{r['metric']}", r["value"], r["step"])
+        else:
+            if self._file is None:
+                new = not self.target.exists() or self.target.stat().st_size == 0
+                self._file = open(self.target, "a", newline="")
+                if self.kind == "csv":
+                    self._writer = csv.DictWriter(self._file, fieldnames=["step", "layer", "metric", "value"])
+                    if new:
+                        self._writer.writeheader()
+            for r in rows:
+                if self.kind == "csv":
+                    self._writer.writerow(r)
+                else:
+                    self._file.write(json.dumps(r) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class Tracker:
+    """The handle :func:`track` returns: ``remove()`` takes every hook off (and closes file sinks).
+
+    Attributes:
+        records: the in-memory record list (used when ``sink`` is None).
+        steps: training-mode forward passes counted so far.
+    """
+
+    def __init__(self, model: nn.Module, every: int, names: list[str], sink: Any, state: SpectralState | None,
+                 owns_state: bool, check_finite: bool, activations: bool) -> None:
+        self.model = model
+        self.every = every
+        self.names = names
+        self.records: list[dict] = []
+        self._sink = _Sink(sink, self.records)
+        self.state = state
+        self._owns_state = owns_state
+        self.check_finite = check_finite
+        self.activations = activations
+        self.steps = 0
+        self._active = False
+        self._step = -1
+        self._pending: list[dict] = []
+        self._flags: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+        named = dict(model.named_modules())
+        self._handles.append(model.register_forward_pre_hook(self._root_pre))
+        self._handles.append(model.register_forward_hook(self._root_post))
+        for name in names:
+            self._handles.append(named[name].register_forward_hook(self._layer_hook(name)))
+
+    # -------------------------------------------------------------- hooks
+    def _root_pre(self, module: nn.Module, args: Any) -> None:
+        if not module.training:
+            self._active = False
+            return
+        step = self.steps
+        self.steps += 1
+        self._active = step % self.every == 0
+        if self._active:
+            self._step = step
+            self._raise_nonfinite()
+
+    def _layer_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if not self.model.training or not isinstance(out, torch.Tensor):
+                return
+            if self.check_finite:
+                with torch.no_grad():
+                    # The sum is non-finite iff an element is NaN/Inf (or the sum
+                    # overflows, itself worth a flag): one pass, ~10x cheaper than isfinite().all().
+                    bad = ~torch.isfinite(out.detach().sum())
+                    flag = self._flags.get(name)
+                    if flag is None:
+                        self._flags[name] = bad
+                    else:
+                        flag.logical_or_(bad)
+            if self._active and self.activations:
+                self._pending.extend(self._activation_rows(name, out))
+        return hook
+
+    def _root_post(self, module: nn.Module, args: Any, out: Any) -> None:
+        if not self._active:
+            return
+        self._active = False
+        rows = self._pending + self._weight_rows()
+        self._pending = []
+        self._sink.write(rows)
+
+    # -------------------------------------------------------------- statistics
+    def _row(self, layer: str, metric: str, value: float) -> dict:
+        return {"step": self._step, "layer": layer, "metric": metric, "value": float(value)}
+
+    @torch.no_grad()
+    def _activation_rows(self, name: str, out: torch.Tensor) -> list[dict]:
+        a = out.detach()
+        if a.dim() < 2:
+            return []
+        a = rearrange(a, "n c ... -> (n ...) c").float()
+        if not bool(torch.isfinite(a).all()):
+            return []  # reported by the flag at the next tracking step
+        s = torch.linalg.svdvals(a)
+        eff, stab = _spectrum_stats(s)
+        energy = a.square().sum(0)
+        total = energy.sum()
+        share = float(energy.max() / total) if float(total) > 0 else float("nan")
+        active = float((a > 0).any(0).float().mean())
+        return [self._row(name, "effective_rank", eff), self._row(name, "stable_rank", stab),
+                self._row(name, "active_fraction", active), self._row(name, "top_neuron_share", share)]
+
+    @torch.no_grad()
+    def _weight_rows(self) -> list[dict]:
+        if self.state is None:
+            return []
+        if self._owns_state:
+            self.state.step(2)
+        rows = []
+        for name in self.names:
+            if name not in self.state.names:
+                continue
+            s1 = self.state.sigmas(name)[0]
+            f = self.state.frobenius(name)
+            rows += [self._row(name, "sigma_1", s1), self._row(name, "frobenius", f),
+                     self._row(name, "weight_stable_rank", f.square() / s1.square() if float(s1) > 0 else float("nan"))]
+        return rows
+
+    def _raise_nonfinite(self) -> None:
+        named = dict(self.model.named_modules())
+        for name in self.names:
+            for pname, p in named[name].named_parameters(recurse=False):
+                if not bool(torch.isfinite(p.detach()).all()):
+                    raise FloatingPointError(f"Non-finite values (NaN/Inf) in the weights of layer {name!r} "
+                                             f"({pname}), seen at tracking step {self._step}")
+        for name in self.names:
+            flag = self._flags.get(name)
+            if flag is not None and bool(flag):
+                self._flags = {}
+                raise FloatingPointError(f"Non-finite values (NaN/Inf) in the output of layer {name!r} on a "
+                                         f"training step before tracking step {self._step}")
+
+    # -------------------------------------------------------------- handle
+    def remove(self) -> None:
+        """Remove every hook and close file sinks (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._sink.close()
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def track(model: nn.Module, every: int = 100, layers: Any = None, sink: Any = None,
+          state: SpectralState | None = None, check_finite: bool = True, activations: bool = True,
+          weights: bool = True) -> Tracker:
+    """Record representation and weight statistics every ``every`` training steps.
+
+    Args:
+        model: the network (DDP / ``torch.compile`` wrappers are unwrapped).
+        every: record on steps ``0, every, 2·every, …`` (a step = a training-mode forward pass).
+        layers: None (every supported Linear/Conv, head included), names, a type
+            or tuple of types, or a predicate ``(name, module) -> bool``.
+        sink: None (keep ``tracker.records``), a list, a callable taking one
+            record, a ``.csv`` / ``.jsonl`` path, or anything with ``add_scalar``
+            (a TensorBoard ``SummaryWriter``). Records are
+            ``{"step", "layer", "metric", "value"}``.
+        state: a shared ``SpectralState`` of ``model`` for the weight metrics;
+            None builds one (stepped twice per tracking step).
+        check_finite: flag NaN/Inf in layer outputs on every step (device-side)
+            and raise at the next tracking step, naming the layer.
+        activations: record the representation statistics.
+        weights: record the weight metrics.
+
+    Returns:
+        A :class:`Tracker` handle; ``tracker.remove()`` removes every hook.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> with track(model, every=1) as t:
+        ...     _ = model(torch.randn(16, 4))
+        >>> sorted({r["metric"] for r in t.records})[:3]
+        ['active_fraction', 'effective_rank', 'frobenius']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected model to be an nn.Module, but got {type(model).__name__}")
+    positive_int(every, "every")
+    for flag, nm in ((check_finite, "check_finite"), (activations, "activations"), (weights, "weights")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"Expected {nm} to be a bool, but got {nm}={flag!r}")
+    base = unwrap_model(model)
+    if state is not None:
+        if not isinstance(state, SpectralState):
+            raise TypeError(f"Expected state to be a SpectralState or None, but got {type(state).__name__}")
+        if state.model is not base:
+            raise ValueError("The SpectralState given to track() was built for a different model")
+    names = _select(base, layers, exclude_head=False, candidates=None)
+    owns = False
+    if weights and state is None:
+        state = SpectralState(base, k=1, layers=names, init_iter=50)
+        owns = True
+    elif not weights:
+        state = None
+    return Tracker(base, every, names, sink, state, owns, check_finite, activations)

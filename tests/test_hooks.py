@@ -1,0 +1,144 @@
+"""Trackers: every-N recording, statistics against references, sinks, removal, NaN flags."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from robustcompress.hooks import track
+from robustcompress.spectral import SpectralState
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+
+
+def test_records_every_n_training_steps_only():
+    model = mlp()
+    records = []
+    t = track(model, every=3, sink=records)
+    for _ in range(7):
+        model(torch.randn(16, 6))
+    model.eval()
+    model(torch.randn(16, 6))  # eval passes are neither counted nor recorded
+    assert sorted({r["step"] for r in records}) == [0, 3, 6] and t.steps == 7
+    assert {r["layer"] for r in records} == {"0", "2"}
+    t.remove()
+
+
+def test_activation_statistics_match_references():
+    model = mlp()
+    records = []
+    x = torch.randn(32, 6)
+    with track(model, every=1, sink=records, layers=["0"]):
+        model(x)
+    a = model[0](x).detach().double()
+    s = torch.linalg.svdvals(a)
+    p = s / s.sum()
+    got = {r["metric"]: r["value"] for r in records if r["layer"] == "0"}
+    assert got["effective_rank"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-4)
+    assert got["stable_rank"] == pytest.approx(float((s ** 2).sum() / s[0] ** 2), rel=1e-4)
+    assert got["active_fraction"] == pytest.approx(float((a > 0).any(0).double().mean()))
+    e = (a ** 2).sum(0)
+    assert got["top_neuron_share"] == pytest.approx(float(e.max() / e.sum()), rel=1e-5)
+    sig = float(torch.linalg.svdvals(model[0].weight.detach().double())[0])
+    assert got["sigma_1"] == pytest.approx(sig, rel=1e-2) and got["sigma_1"] <= sig * (1 + 1e-6)
+    assert got["weight_stable_rank"] == pytest.approx(
+        float(model[0].weight.detach().double().square().sum()) / sig ** 2, rel=1e-2)
+
+
+def test_conv_outputs_use_channels_as_units():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 2))
+    records = []
+    with track(model, every=1, sink=records, layers=nn.Conv2d):
+        model(torch.randn(2, 1, 6, 6))
+    got = {r["metric"]: r["value"] for r in records if r["layer"] == "0"}
+    assert 1 <= got["effective_rank"] <= 4 and got["active_fraction"] in (0.25, 0.5, 0.75, 1.0)
+
+
+def test_weight_metrics_come_from_the_shared_state():
+    model = mlp()
+    state = SpectralState(model)
+    records = []
+    with track(model, every=1, sink=records, state=state, activations=False):
+        model(torch.randn(4, 6))
+    sig = {r["layer"]: r["value"] for r in records if r["metric"] == "sigma_1"}
+    assert sig == {n: pytest.approx(float(state.sigmas(n)[0])) for n in state.names}
+    assert int(state.steps) == 0  # a shared state is only read
+
+
+def test_sinks(tmp_path):
+    model = mlp()
+    calls, scalars = [], []
+
+    class Writer:
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+    paths = [tmp_path / "s.csv", tmp_path / "s.jsonl"]
+    trackers = [track(model, every=2, sink=calls.append), track(model, every=2, sink=Writer())]
+    trackers += [track(model, every=2, sink=p) for p in paths]
+    for _ in range(3):
+        model(torch.randn(8, 6))
+    for t in trackers:
+        t.remove()
+    n = len(calls)
+    assert n > 0 and len(scalars) == n and {s[2] for s in scalars} == {0, 2}
+    assert scalars[0][0] == f"{calls[0]['layer']}/{calls[0]['metric']}"
+    rows = list(csv.DictReader(open(paths[0])))
+    assert len(rows) == n and set(rows[0]) == {"step", "layer", "metric", "value"}
+    lines = [json.loads(line) for line in open(paths[1])]
+    assert len(lines) == n and lines[0] == calls[0]
+
+
+def test_remove_takes_every_hook_off():
+    model = mlp()
+    t = track(model, every=1)
+    assert model._forward_pre_hooks and model[0]._forward_hooks
+    t.remove()
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert not model[0]._forward_hooks and not model[2]._forward_hooks
+    model(torch.randn(2, 6))
+    assert t.records == []
+
+
+def test_nan_activation_is_raised_at_the_next_tracking_step_naming_the_layer():
+    model = mlp()
+    t = track(model, every=3, weights=False)
+    model(torch.randn(4, 6))
+    x = torch.randn(4, 6)
+    x[0, 0] = float("nan")
+    model(x)  # off-step: flagged on the device, no raise
+    model(torch.randn(4, 6))
+    with pytest.raises(FloatingPointError, match="layer '0'"):
+        model(torch.randn(4, 6))
+    t.remove()
+
+
+def test_nan_weight_is_named():
+    model = mlp()
+    t = track(model, every=1, weights=False, check_finite=False)
+    with torch.no_grad():
+        model[2].weight[0, 0] = math.inf
+    with pytest.raises(FloatingPointError, match="layer '2'"):
+        model(torch.randn(4, 6))
+    t.remove()
+
+
+def test_bad_arguments():
+    model = mlp()
+    with pytest.raises(ValueError, match="every"):
+        track(model, every=0)
+    with pytest.raises(ValueError, match=".csv or .jsonl"):
+        track(model, sink="stats.txt")
+    with pytest.raises(TypeError, match="sink"):
+        track(model, sink=3)
+    with pytest.raises(ValueError, match="different model"):
+        track(model, state=SpectralState(mlp()))
+    with pytest.raises(ValueError, match="Unknown layer"):
+        track(model, layers=["9"])
+    assert not model._forward_pre_hooks  # failed calls registered nothing
