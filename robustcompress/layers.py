@@ -291,6 +291,8 @@ def to_low_rank(
             continue
         positive_int(r, f"rank for layer {name!r}")
         full = min(module.weight.shape[0], module.weight[0].numel())
+        if isinstance(rank, Mapping) and r > full:
+            raise ValueError(f"Layer {name!r}: rank {r} exceeds min(matrix-view shape) = {full}")
         if r < full:
             plan[name] = r
 

@@ -482,10 +482,13 @@ class SpectralNormPenalty(Penalty):
                 w = self.layer_weights[name]
                 if w == 0:
                     continue
-                op = self._state.operator(name)
                 u, v = self._state.vectors(name)
                 u, v = u[:, 0], v[:, 0]
-                sig = u @ op.matvec(v[:, None])[:, 0]
+                if self._state.k_of(name) == 1:
+                    # The k = 1 step stores σ = uᵀ W v for the current (u, v): no product needed.
+                    sig = self._state.sigmas(name)[0]
+                else:
+                    sig = u @ self._state.operator(name).matvec(v[:, None])[:, 0]
                 if self.mode == "square":
                     val, dval = sig.square(), 2 * sig
                 elif self.mode == "hinge":

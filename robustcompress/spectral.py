@@ -171,10 +171,13 @@ class MatrixView(LinearOperator):
         return w if s is None else s[:, None] * w
 
     def matvec(self, v):
+        # The row scale is applied to the product, never to W: diag(s)·W would
+        # write a scaled copy of the weight on every call.
         if self.groups == 1:
-            return self.matrix2d() @ v
-        vg = rearrange(v, "(g c) k -> g c k", g=self.groups)
-        out = rearrange(torch.bmm(self._blocks_raw(), vg), "g o k -> (g o) k")
+            out = rearrange(self.weight.to(self.dtype), "o i ... -> o (i ...)") @ v
+        else:
+            vg = rearrange(v, "(g c) k -> g c k", g=self.groups)
+            out = rearrange(torch.bmm(self._blocks_raw(), vg), "g o k -> (g o) k")
         s = self._scale()
         return out if s is None else s[:, None] * out
 
@@ -822,7 +825,7 @@ class SpectralState(nn.Module):
         return out
 
     def _products_fused(self, names: list[str], out: dict) -> list[str]:
-        """Send ungrouped matrix views on CUDA to the fused Triton kernel; return the rest."""
+        """Send ungrouped matrix views to the fused Triton kernel (CUDA); return the layers left."""
         eligible = [n for n in names if isinstance(self._ops[n], MatrixView) and self._ops[n].groups == 1
                     and (self._ops[n].device.type == "cuda" or self.backend == "triton")]
         if not eligible:
@@ -834,20 +837,36 @@ class SpectralState(nn.Module):
         if not kernels.triton_available(self._ops[eligible[0]].device):
             if self.backend == "triton":
                 raise RuntimeError("backend='triton' requested but Triton is not available for these tensors "
-                                   "(install the 'kernels' extra; on CPU set TRITON_INTERPRET=1 before importing triton)")
+                                   "(pip install 'robustcompress[kernels]'; on CPU, the interpreter needs "
+                                   "TRITON_INTERPRET=1 set before triton is first imported)")
             return names
-        by_k: dict[int, list[str]] = {}
-        for n in eligible:
-            by_k.setdefault(self.layers[_key(n)].V.shape[1], []).append(n)
-        for members in by_k.values():
-            ops = [self._ops[n] for n in members]
-            weights = [rearrange(op.weight, "o i ... -> o (i ...)") for op in ops]
-            scales = [None if op.row_scale is None else op.row_scale().float() for op in ops]
-            vs = [self.layers[_key(n)].V.float() for n in members]
-            us, ys = kernels.fused_power_step(weights, vs, scales)
-            for n, u0, y in zip(members, us, ys):
-                dt = self.layers[_key(n)].V.dtype
-                out[n] = (u0.to(dt), y.to(dt))
+        if getattr(self, "_fused", None) is None:
+            # Plain attribute, not a buffer: it caches the kernel's pointer table,
+            # rebuilt only when a weight's address, shape or dtype changes.
+            self._fused = kernels.FusedPowerStep()
+            self._fused_scales: dict[str, torch.Tensor] = {}
+        ops = [self._ops[n] for n in eligible]
+        weights = [rearrange(op.weight, "o i ... -> o (i ...)") for op in ops]
+        scales = []
+        for name, op in zip(eligible, ops):
+            if op.row_scale is None:
+                scales.append(None)
+                continue
+            # Persistent fp32 buffers, refreshed in place, keep the table's addresses stable.
+            fresh = op.row_scale().detach().float()
+            buf = self._fused_scales.get(name)
+            if buf is None or buf.shape != fresh.shape or buf.device != fresh.device:
+                buf = self._fused_scales[name] = fresh.clone()
+            else:
+                buf.copy_(fresh)
+            scales.append(buf)
+        vs = [self.layers[_key(n)].V for n in eligible]
+        if any(v.dtype != torch.float32 for v in vs):
+            vs = [v.float() for v in vs]
+        us, ys = self._fused(weights, vs, scales)
+        for n, u0, y in zip(eligible, us, ys):
+            dt = self.layers[_key(n)].V.dtype
+            out[n] = (u0.to(dt), y.to(dt))
         return [n for n in names if n not in out]
 
     @torch.no_grad()
@@ -888,7 +907,12 @@ class SpectralState(nn.Module):
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
     def _power_update(self, members: list[str], products) -> dict[str, torch.Tensor]:
-        """k = 1: σ = ‖W v‖, u = W v / σ, v ← WᵀW v / ‖WᵀW v‖ (Rayleigh–Ritz needs no eigensolver)."""
+        """k = 1: u = W v / ‖W v‖, v ← WᵀW v / ‖WᵀW v‖, σ = uᵀ W v_new = ‖WᵀW v‖ / ‖W v‖.
+
+        That σ is exactly what :meth:`sigma` evaluates right after the step
+        (so penalties can use it without another product) and lies between the
+        Ritz value ``‖W v‖`` and the true σ₁ (Cauchy–Schwarz; ``u`` is a unit vector).
+        """
         flags = {}
         for name in members:
             buf = self.layers[_key(name)]
@@ -901,7 +925,7 @@ class SpectralState(nn.Module):
             live = ok & (s > tiny) & (ynorm > tiny)
             buf.U.copy_(torch.where(live, u0 / s.clamp_min(tiny), buf.U))
             buf.V.copy_(torch.where(live, y / ynorm.clamp_min(tiny), buf.V))
-            buf.S.copy_(torch.where(ok, s, buf.S).reshape(1))
+            buf.S.copy_(torch.where(live, ynorm / s.clamp_min(tiny), torch.where(ok, s, buf.S)).reshape(1))
             flags[name] = ok
         return flags
 

@@ -149,6 +149,9 @@ class FusedPowerStep:
             raise TypeError(f"Expected hints to be a bool, but got hints={hints!r}")
         self.hints = hints
         self.builds = 0  # how many pointer tables were built (a cache miss each)
+        # Checks only: fill the outputs with this value before the launch, so a
+        # check can prove every element is written (torch.empty may hold anything).
+        self._debug_fill: float | None = None
         self._plan: _Plan | None = None
 
     def _align(self, w: torch.Tensor) -> int:
@@ -260,6 +263,9 @@ class FusedPowerStep:
         u_flat = torch.empty(plan.u_size, dtype=torch.float32, device=device)
         y_flat = torch.empty(plan.y_size, dtype=torch.float32, device=device)
         ws = torch.empty(plan.ws_size, dtype=torch.float32, device=device)
+        if self._debug_fill is not None:
+            for t in (u_flat, y_flat, ws):
+                t.fill_(self._debug_fill)
         ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
         with ctx:
             for g in plan.groups:
