@@ -18,9 +18,54 @@ Example:
     >>> state.step()
 """
 
+from types import ModuleType as _ModuleType
+
+from .attacks import (
+    adversarial_batch,
+    fgsm,
+    fooling_rate,
+    multi_targeted_pgd,
+    pgd,
+    random_search,
+    sensitive_direction_attack,
+    sensitive_directions,
+    universal_perturbation,
+)
+from .bound import LipschitzBound, certified_radius, gram_iteration_bound, layer_bound, lipschitz_bound
+from .compress import (
+    SensitivityImportance,
+    amounts_for_energy,
+    compression_curve,
+    count_macs,
+    count_parameters,
+    export,
+    finetune,
+    load_exported,
+    measure,
+    prune,
+    ranks_for_budget,
+    remove_masks,
+    truncate,
+)
 from .data import cifar10, digits, gaussian_mixture, linearly_separable, loader, write_fake_cifar10
+from .evaluate import accuracy, autoattack_accuracy, eps_sweep, gradient_masking_check, minimal_eps, robust_accuracy
+from .hooks import Tracker, track
 from .layers import LowRankConv2d, LowRankLinear, best_rank_factors, to_low_rank
+from .metrics import layer_metrics
 from .models import MLP, SmallCNN, resnet18, vgg11, vgg16
+from .optim import PenalizedOptimizer, RowL1Cap, SpectralNormClip, wrap
+from .penalties import (
+    GroupLassoPenalty,
+    HeadSpreadPenalty,
+    L1Penalty,
+    NuclearNormPenalty,
+    Penalty,
+    RowL1Penalty,
+    SpectralNormPenalty,
+    TailEnergyPenalty,
+    default_penalties,
+)
+from .report import format_report, report
 from .spectral import (
     LinearOperator,
     SpectralState,
@@ -32,3 +77,8 @@ from .spectral import (
 )
 
 __version__ = "0.1.0"
+
+__all__ = sorted(
+    name for name, value in dict(globals()).items()
+    if not name.startswith("_") and not isinstance(value, _ModuleType)
+)

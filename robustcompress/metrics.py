@@ -139,15 +139,15 @@ def c_neu(w: torch.Tensor) -> torch.Tensor:
     return e.max() / e.sum()
 
 
-def rows_for_energy(w: torch.Tensor, fraction_: float = 0.99) -> int:
-    """Fewest rows whose squared norms hold ``fraction_`` of ``Σ_i ‖w_i‖²``.
+def rows_for_energy(w: torch.Tensor, energy: float = 0.99) -> int:
+    """Fewest rows whose squared norms hold ``energy`` of ``Σ_i ‖w_i‖²``.
 
-    ``min {κ : Σ_{i ≤ κ} ‖w_(i)‖² ≥ fraction_ · Σ_i ‖w_i‖²}`` with rows sorted by
+    ``min {κ : Σ_{i ≤ κ} ‖w_(i)‖² ≥ energy · Σ_i ‖w_i‖²}`` with rows sorted by
     decreasing norm; 0 for an all-zero weight.
 
     Args:
         w: a weight (see :func:`as_matrix`).
-        fraction_: the share of energy to keep, in (0, 1].
+        energy: the share of energy to keep, in (0, 1].
 
     Returns:
         An int in ``[1, out]`` (0 for a zero weight).
@@ -156,12 +156,12 @@ def rows_for_energy(w: torch.Tensor, fraction_: float = 0.99) -> int:
         >>> rows_for_energy(torch.diag(torch.tensor([10.0, 3.0, 0.1])), 0.99)
         2
     """
-    f = _fraction_arg(fraction_)
+    f = _fraction_arg(energy)
     e = _energies(w).detach().double()
     return _count_for_share(e, f, e.sum())
 
 
-def _fraction_arg(f: Any, name: str = "fraction") -> float:
+def _fraction_arg(f: Any, name: str = "energy") -> float:
     f = fraction(f, name, closed_right=True)
     if f == 0:
         raise ValueError(f"Expected {name} to lie in (0, 1], but got {name}=0")
@@ -488,15 +488,15 @@ def head_spread(sigmas_or_w: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def rank_for_energy(
-    sigmas_or_w: torch.Tensor, fraction_: float = 0.99, frobenius: Any = None
+    sigmas_or_w: torch.Tensor, energy: float = 0.99, frobenius: Any = None
 ) -> int | None:
-    """Fewest singular values holding ``fraction_`` of ``‖W‖_F²``.
+    """Fewest singular values holding ``energy`` of ``‖W‖_F²``.
 
-    ``min {r : Σ_{j≤r} σ_j² ≥ fraction_ · ‖W‖_F²}``.
+    ``min {r : Σ_{j≤r} σ_j² ≥ energy · ‖W‖_F²}``.
 
     Args:
         sigmas_or_w: see :func:`stable_rank`.
-        fraction_: share of energy, in (0, 1].
+        energy: share of energy, in (0, 1].
         frobenius: ``‖W‖_F`` when only the top k σ are given.
 
     Returns:
@@ -509,7 +509,7 @@ def rank_for_energy(
         >>> rank_for_energy(torch.tensor([1.0]), 0.99, frobenius=2.0) is None
         True
     """
-    f = _fraction_arg(fraction_)
+    f = _fraction_arg(energy)
     s = _sigmas(sigmas_or_w).detach().double()
     total = _frob_sq(s, None if frobenius is None else (
         frobenius.detach().double() if isinstance(frobenius, torch.Tensor) else frobenius))
@@ -564,7 +564,7 @@ def layer_metrics(
     name: str,
     exact_threshold: int = 1 << 20,
     k: int = 8,
-    fraction_: float = 0.99,
+    energy: float = 0.99,
     dead_rtol: float = 1e-3,
 ) -> dict[str, Metric]:
     """Every metric of one layer, each tagged ``"exact"`` or ``"estimate"``.
@@ -588,7 +588,7 @@ def layer_metrics(
         name: the layer's qualified name (``state.names``).
         exact_threshold: most matrix entries for exact svdvals, ≥ 0.
         k: head size for top-k metrics (and for a state built here), ≥ 1.
-        fraction_: energy share for ``rows_99`` / ``rank_99``, in (0, 1].
+        energy: energy share for ``rows_99`` / ``rank_99``, in (0, 1].
         dead_rtol: relative tolerance of :func:`dead_row_fraction`.
 
     Returns:
@@ -610,7 +610,7 @@ def layer_metrics(
             f"Expected exact_threshold to be a non-negative integer, but got exact_threshold={exact_threshold!r}"
         )
     k = _k_arg(k)
-    f = _fraction_arg(fraction_, "fraction_")
+    f = _fraction_arg(energy, "energy")
     if not isinstance(name, str):
         raise TypeError(f"Expected name to be a layer name (str), but got {type(name).__name__}")
     if isinstance(state_or_model, SpectralState):
