@@ -137,7 +137,6 @@ def copy_bandwidth(device) -> float:
     src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     t = time_cuda(lambda: dst.copy_(src), repeats=20)
-    del src, dst
     return 2 * (1 << 30) / t
 
 

@@ -65,7 +65,7 @@ from .penalties import (
     TailEnergyPenalty,
     default_penalties,
 )
-from .report import format_report, report
+from .reporting import format_report, report
 from .spectral import (
     LinearOperator,
     SpectralState,

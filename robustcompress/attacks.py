@@ -33,16 +33,16 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
+from ._utils import batches, eval_mode
 from ._checks import domain_arg, float_tensor, fraction, nonnegative_float, norm_arg, positive_float, positive_int
 
 __all__ = [
@@ -146,18 +146,6 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"Expected the model to return logits of shape (N, num_classes), but got {shape}")
     return out
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode; restore each one's own flag afterwards, also on error."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _validated(model, x, y, domain, targeted=False):
@@ -270,7 +258,7 @@ def fgsm(
     norm = norm_arg(norm)
     loss = _loss_arg(loss)
     targeted = _bool_arg(targeted, "targeted")
-    with _eval_mode(_model_arg(model)):
+    with eval_mode(_model_arg(model)):
         model, x, y, lo, hi, _ = _validated(model, x, y, domain, targeted)
         eps_t = _eps_arg(eps, x.shape[0], x)
         xg = x.detach().clone().requires_grad_(True)
@@ -345,7 +333,7 @@ def pgd(
     if step_size is not None:
         step_size = positive_float(step_size, "step_size")
     gen = torch.Generator().manual_seed(_seed_arg(seed))
-    with _eval_mode(_model_arg(model)):
+    with eval_mode(_model_arg(model)):
         model, x, y, lo, hi, logits = _validated(model, x, y, domain, targeted)
         eps_t = _eps_arg(eps, x.shape[0], x)
         alpha = eps_t * 2.5 / steps if step_size is None else torch.full_like(eps_t, step_size)
@@ -434,7 +422,7 @@ def multi_targeted_pgd(
         True
     """
     norm = norm_arg(norm)
-    with _eval_mode(_model_arg(model)):
+    with eval_mode(_model_arg(model)):
         model, x, y, lo, hi, logits = _validated(model, x, y, domain)
         n_classes = logits.shape[1]
         n_targets = n_classes - 1 if n_targets is None else positive_int(n_targets, "n_targets")
@@ -495,7 +483,7 @@ def random_search(
     norm = norm_arg(norm)
     n_queries = positive_int(n_queries, "n_queries")
     gen = torch.Generator().manual_seed(_seed_arg(seed))
-    with _eval_mode(_model_arg(model)), torch.no_grad():
+    with eval_mode(_model_arg(model)), torch.no_grad():
         model, x, y, lo, hi, logits = _validated(model, x, y, domain)
         eps_t = _eps_arg(eps, x.shape[0], x)
         d = x[0].numel()
@@ -539,40 +527,6 @@ def random_search(
 
 
 # --------------------------------------------------------------------------- data sources
-
-
-def _batches(data: Any, batch_size: int, shuffle: bool = False,
-             generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Iterate ``(x, y)`` batches of a Dataset, a DataLoader, or an ``(x, y)`` tuple of tensors.
-
-    A DataLoader is iterated as given (its own batch size and order); the
-    other sources are cut into ``batch_size`` batches, shuffled with
-    ``generator`` when ``shuffle``.
-    """
-    if isinstance(data, DataLoader):
-        source: Any = data
-    elif isinstance(data, (tuple, list)) or (isinstance(data, TensorDataset) and len(data.tensors) == 2):
-        if isinstance(data, TensorDataset):
-            xs, ys = data.tensors
-        elif len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-            xs, ys = data
-        else:
-            raise TypeError("Expected data=(x, y) to be a pair of tensors")
-        if xs.shape[0] != ys.shape[0]:
-            raise ValueError(f"Expected x and y of data to have the same length, but got {xs.shape[0]} and {ys.shape[0]}")
-        order = torch.randperm(xs.shape[0], generator=generator) if shuffle else torch.arange(xs.shape[0])
-        source = ((xs[i], ys[i]) for i in order.to(xs.device).split(batch_size))
-    elif isinstance(data, Dataset):
-        source = DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator)
-    else:
-        raise TypeError(
-            "Expected data to be a torch Dataset of (x, y) pairs, a DataLoader, or a tuple (x, y) of tensors, "
-            f"but got {type(data).__name__}"
-        )
-    for batch in source:
-        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-            raise TypeError("Expected every batch of data to be a pair (x, y)")
-        yield batch[0], batch[1]
 
 
 def _num_batches(data: Any, batch_size: int) -> int | None:
@@ -634,8 +588,8 @@ def fooling_rate(
     batch_size = positive_int(batch_size, "batch_size")
     correct = fooled = 0
     device = _model_device(model, delta.device)
-    with _eval_mode(model), torch.no_grad():
-        for xb, yb in _batches(data, batch_size):
+    with eval_mode(model), torch.no_grad():
+        for xb, yb in batches(data, batch_size):
             xb, yb = xb.to(device), yb.to(device)
             if tuple(delta.shape) != tuple(xb.shape[1:]):
                 raise ValueError(
@@ -711,9 +665,9 @@ def universal_perturbation(
     delta: torch.Tensor | None = None
     best: torch.Tensor | None = None
     best_rate = -1.0
-    with _eval_mode(model):
+    with eval_mode(model):
         for _ in range(epochs):
-            for xb, yb in _batches(data, batch_size, shuffle=True, generator=gen):
+            for xb, yb in batches(data, batch_size, shuffle=True, generator=gen):
                 xb = _x_arg(xb.to(_model_device(model, xb.device)), (lo, hi), "x of data")
                 if delta is None:
                     delta = torch.zeros(xb.shape[1:], device=xb.device, dtype=xb.dtype)
@@ -914,7 +868,7 @@ def sensitive_directions(
         x = float_tensor(x, "x")
         if x.dim() < 2:
             raise ValueError(f"Expected x to be a batch (N, ...), but got shape {tuple(x.shape)}")
-    with _eval_mode(model):
+    with eval_mode(model):
         v = _directions(model, x, k, source, n_iter, layer, seed if seed is not None else 0, per_example=False)
     return v[0].T.contiguous().detach()
 
@@ -961,7 +915,7 @@ def sensitive_direction_attack(
     n_iter = positive_int(n_iter, "n_iter")
     if source not in _SOURCES:
         raise ValueError(f"Expected source to be one of {_SOURCES}, but got source={source!r}")
-    with _eval_mode(_model_arg(model)):
+    with eval_mode(_model_arg(model)):
         model, x, y, lo, hi, logits = _validated(model, x, y, domain)
         eps_t = _eps_arg(eps, x.shape[0], x)
         n, dim = x.shape[0], x[0].numel()
@@ -1047,5 +1001,5 @@ def adversarial_batch(
 
 
 def _validated_outside_mode(model, x, y, domain):
-    with _eval_mode(_model_arg(model)):
+    with eval_mode(_model_arg(model)):
         return _validated(model, x, y, domain)

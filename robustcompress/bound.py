@@ -739,7 +739,6 @@ def operator_frobenius(module: nn.Module, input_shape: Sequence[int] | None = No
 def _tap_weights(layer: _Layer, reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Per output channel and tap, ``reduce`` of the row ``(B·K_tap)[o, :]`` → kernel ``out × 1 × k…``."""
     k = layer.kernel
-    g = layer.groups
     taps = k.shape[2:]
     kt = rearrange(k, "o i ... -> (...) o i")  # taps × r × in/g
     if layer.mix is not None:

@@ -15,7 +15,7 @@ from typing import Sequence
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "demo": ("robustcompress.demo", "train digits MLPs several ways and compare compressibility and robustness"),
-    "report": ("robustcompress.report", "per-layer compressibility and the certified Lipschitz bound of a checkpoint"),
+    "report": ("robustcompress.reporting", "per-layer compressibility and the certified Lipschitz bound of a checkpoint"),
     "compress": ("robustcompress.compress", "prune or rank-truncate a checkpoint, fine-tune, re-measure, export"),
 }
 

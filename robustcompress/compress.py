@@ -54,8 +54,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from ._utils import batches, eval_mode
 from ._checks import fraction, nonnegative_float, nonnegative_int, norm_arg, positive_float, positive_int
 from .layers import LowRankConv2d, LowRankLinear, to_low_rank
 from .metrics import as_matrix, rank_for_energy, row_norms, rows_for_energy
@@ -114,18 +114,6 @@ def _first_param(model: nn.Module) -> torch.Tensor | None:
     for t in list(model.parameters()) + list(model.buffers()):
         return t
     return None
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside, every submodule's own ``training`` flag restored afterwards (also on error)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, t in modes:
-            m.training = t
 
 
 @contextlib.contextmanager
@@ -203,28 +191,8 @@ def remove_masks(model: nn.Module) -> nn.Module:
     return model
 
 
-def _batches(data: Any, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(x, y)`` batches of a Dataset, a DataLoader or an ``(x, y)`` tuple (shuffled by a local generator)."""
-    if isinstance(data, (tuple, list)):
-        if not (len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
-            raise TypeError("Expected data=(x, y) to be a pair of tensors")
-        data = TensorDataset(*data)
-    if isinstance(data, DataLoader):
-        source: Any = data
-    elif isinstance(data, Dataset):
-        source = DataLoader(data, batch_size=batch_size, shuffle=shuffle,
-                            generator=torch.Generator().manual_seed(seed))
-    else:
-        raise TypeError("Expected data to be a torch Dataset of (x, y) pairs, a DataLoader, or a tuple (x, y) "
-                        f"of tensors, but got {type(data).__name__}")
-    for batch in source:
-        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-            raise TypeError("Expected every batch of data to be a pair (x, y)")
-        yield batch[0], batch[1]
-
-
 def _example_from(data: Any) -> torch.Tensor:
-    for xb, _ in _batches(data, 1):
+    for xb, _ in batches(data, 1):
         return xb[:1]
     raise ValueError("Expected data to hold at least one example")
 
@@ -578,7 +546,7 @@ def prune(
         raise ImportError(_TP_HINT) from err
 
     target = model if inplace else copy.deepcopy(model)
-    with _eval_mode(target), _all_require_grad(target):
+    with eval_mode(target), _all_require_grad(target):
         graph = tp.DependencyGraph().build_dependency(target, example_inputs=example, verbose=False)
         with torch.no_grad():
             before = target(example)
@@ -909,7 +877,7 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     if first is not None:
         x = x.to(first.device)
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(x)
     finally:
         for h in handles:
@@ -1010,7 +978,7 @@ def finetune(
     step = 0
     try:
         for epoch in range(epochs):
-            for xb, yb in _batches(data, batch_size, shuffle=True, seed=seed + epoch):
+            for xb, yb in batches(data, batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed + epoch)):
                 dev = _first_param(model)
                 xb, yb = xb.to(dev.device), yb.to(dev.device)
                 if adv:

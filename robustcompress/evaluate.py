@@ -25,7 +25,8 @@ from torch import nn
 
 from . import attacks as _atk
 from ._checks import domain_arg, fraction, nonnegative_float, norm_arg, positive_float, positive_int
-from .attacks import _batches, _eval_mode, _model_arg, _model_device, _num_batches, _x_arg, _y_arg
+from ._utils import batches, eval_mode
+from .attacks import _model_arg, _model_device, _num_batches, _x_arg, _y_arg
 
 __all__ = [
     "accuracy",
@@ -122,8 +123,8 @@ def accuracy(model: nn.Module, data: Any, batch_size: int = 256) -> float:
     model = _model_arg(model)
     batch_size = positive_int(batch_size, "batch_size")
     correct = total = 0
-    with _eval_mode(model), torch.no_grad():
-        for xb, yb in _batches(data, batch_size):
+    with eval_mode(model), torch.no_grad():
+        for xb, yb in batches(data, batch_size):
             xb = xb.to(_model_device(model, xb.device))
             logits = _atk._logits(model, xb)
             yb = _y_arg(yb.to(xb.device), xb.shape[0], logits.shape[1], "y of data")
@@ -179,10 +180,10 @@ def robust_accuracy(
     name, fn = _resolve_attack(attack)
     base_seed = attack_kwargs.pop("seed", 0) if name in _SEEDED else None
     robust = total = 0
-    batches = _progress(_batches(data, batch_size), progress, _num_batches(data, batch_size),
-                        f"{name or 'attack'} eps={eps:g}")
-    with _eval_mode(model):
-        for i, (xb, yb) in enumerate(batches):
+    batch_iter = _progress(batches(data, batch_size), progress, _num_batches(data, batch_size),
+                           f"{name or 'attack'} eps={eps:g}")
+    with eval_mode(model):
+        for i, (xb, yb) in enumerate(batch_iter):
             xb = _x_arg(xb.to(_model_device(model, xb.device)), domain, "x of data")
             with torch.no_grad():
                 clean = _atk._logits(model, xb)
@@ -303,7 +304,7 @@ def minimal_eps(
     lo = nonnegative_float(lo, "lo")
     tol = positive_float(tol, "tol")
     name, fn = _resolve_attack(attack)
-    with _eval_mode(model):
+    with eval_mode(model):
         x = _x_arg(x, domain)
         with torch.no_grad():
             logits = _atk._logits(model, x)
@@ -381,7 +382,7 @@ def _image_shape(shape: torch.Size) -> tuple[int, ...]:
 
 def _collect(data: Any, n_examples: int | None, batch_size: int, device: torch.device):
     xs, ys, count = [], [], 0
-    for xb, yb in _batches(data, batch_size):
+    for xb, yb in batches(data, batch_size):
         xs.append(xb.to(device))
         ys.append(yb.to(device))
         count += xb.shape[0]
@@ -493,7 +494,7 @@ def autoattack_accuracy(
         if c not in AUTOATTACK_COMPONENTS:
             raise ValueError(f"Expected every entry of components to be one of {sorted(AUTOATTACK_COMPONENTS)}, but got {c!r}")
 
-    with _eval_mode(model):
+    with eval_mode(model):
         device = _model_device(model, torch.device("cpu"))
         x, y = _collect(data, n_examples, batch_size, device)
         x = _x_arg(x, (lo, hi), "x of data")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from robustcompress.models import MLP, SmallCNN, resnet18
-from robustcompress.report import add_arguments, format_report, report, run_cli
+from robustcompress.reporting import add_arguments, format_report, report, run_cli
 
 
 def test_report_on_demo_mlp():
@@ -128,6 +128,6 @@ def test_report_bad_input():
 def test_docstring_examples_run():
     import doctest
 
-    import robustcompress.report as mod
+    import robustcompress.reporting as mod
 
     assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0

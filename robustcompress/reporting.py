@@ -31,7 +31,7 @@ from torch import nn
 from ._checks import positive_int
 from .bound import EXACT_THRESHOLD, LipschitzBound, lipschitz_bound, power_sigma
 from .layers import LowRankConv2d, LowRankLinear
-from .metrics import Metric, layer_metrics
+from .metrics import layer_metrics
 from .spectral import SpectralState
 
 __all__ = ["report", "format_report", "add_arguments", "run_cli"]
