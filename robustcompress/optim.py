@@ -250,11 +250,10 @@ class PenalizedOptimizer(Optimizer):
                 raise ValueError(f"{type(t).__name__} acts on layers {outside} whose parameters the optimizer does "
                                  "not update; add them to the optimizer or leave them out with layers=...")
 
-        # Share, do not copy: schedulers and GradScaler read these on the wrapper.
+        # param_groups, state and defaults are properties reading the wrapped
+        # optimizer, so schedulers and GradScaler see the live objects, also after
+        # load_state_dict() (which replaces them on the inner optimizer).
         self.optimizer = optimizer
-        self.defaults = optimizer.defaults
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -270,6 +269,30 @@ class PenalizedOptimizer(Optimizer):
         self.last_penalty: torch.Tensor | None = None
 
     # -------------------------------------------------------------- Optimizer interface
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> dict:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: dict) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
     @property
     def spectral_state(self) -> SpectralState | None:
         """The shared state this wrapper steps once per real step (None if every term owns its own)."""

@@ -340,6 +340,8 @@ class Penalty(StateTerm):
             return None
         s = self.strength_at(step)
         if s == 0:
+            # An active step at zero strength contributes exactly 0; log that, skip the work.
+            self.last_value = torch.zeros((), device=self._device())
             return None
         if self._owns_state and self.needs_k > 0:
             self._state.step()

@@ -320,3 +320,20 @@ def test_closed_form_spectral_gradient_equals_autograd(kwargs):
     # a BN-folded layer has no closed form here: the wrapper falls back to autograd
     bn_model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
     assert SpectralNormPenalty(bn_model, 1.0).closed_form(1.0) is None
+
+
+def test_scheduler_reaches_the_inner_optimizer_after_load_state_dict():
+    from robustcompress.optim import wrap
+    from robustcompress.penalties import SpectralNormPenalty
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = wrap(inner, model, [SpectralNormPenalty(model, 1e-3)])
+    saved = opt.state_dict()
+    opt.load_state_dict(saved)  # torch replaces param_groups/state on the inner optimizer
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    assert opt.param_groups is inner.param_groups and opt.state is inner.state
+    assert inner.param_groups[0]["lr"] == pytest.approx(0.05)
