@@ -23,10 +23,6 @@ import torch
 import torch.nn.functional as F
 
 import robustcompress as rc
-from robustcompress.evaluate import accuracy, robust_accuracy
-from robustcompress.hooks import track
-from robustcompress.optim import wrap
-from robustcompress.penalties import SpectralNormPenalty
 
 
 def main() -> None:
@@ -57,9 +53,9 @@ def main() -> None:
 
     (out / "track.jsonl").unlink(missing_ok=True)  # the tracker appends
     # --- the three lines ----------------------------------------------------------
-    penalty = SpectralNormPenalty(model, strength=args.strength)
-    opt = wrap(opt, model, penalties=[penalty])
-    tracker = track(model, every=args.every, sink=out / "track.jsonl")
+    penalty = rc.SpectralNormPenalty(model, strength=args.strength)
+    opt = rc.wrap(opt, model, penalties=[penalty])
+    tracker = rc.track(model, every=args.every, sink=out / "track.jsonl")
     # -------------------------------------------------------------------------------
 
     for epoch in range(args.epochs):  # the loop you already had
@@ -81,8 +77,8 @@ def main() -> None:
         print(f"step {last}, layer {layer}: σ₁ {final[layer, 'sigma_1']:.2f}, "
               f"weight stable rank {final[layer, 'weight_stable_rank']:.2f}, "
               f"output effective rank {final[layer, 'effective_rank']:.1f}")
-    robust = robust_accuracy(model, test, "pgd", eps=args.eps, norm="linf", steps=20, seed=0)
-    print(f"clean accuracy {accuracy(model, test):.3f}, PGD L∞ ε={args.eps} robust accuracy {robust:.3f}")
+    robust = rc.robust_accuracy(model, test, "pgd", eps=args.eps, norm="linf", steps=20, seed=0)
+    print(f"clean accuracy {rc.accuracy(model, test):.3f}, PGD L∞ ε={args.eps} robust accuracy {robust:.3f}")
     print(f"compressibility log: {out / 'track.jsonl'}")
 
 

@@ -273,7 +273,7 @@ def test_bad_input_is_a_clear_error():
         row_norms(torch.ones(3))
     with pytest.raises(TypeError, match="floating-point"):
         c_neu(torch.ones(2, 2, dtype=torch.long))
-    with pytest.raises(ValueError, match="fraction"):
+    with pytest.raises(ValueError, match="energy"):
         rows_for_energy(torch.eye(2), 0.0)
     with pytest.raises(ValueError, match="kappa"):
         best_k_row_error(torch.eye(2), 0)
