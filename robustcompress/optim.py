@@ -39,7 +39,7 @@ Example:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,7 +48,7 @@ from torch.optim import Optimizer
 
 from ._checks import positive_float
 from .layers import LowRankConv2d, LowRankLinear
-from .penalties import Penalty, PenaltySum, StateTerm, unwrap_model
+from .penalties import Penalty, PenaltySum, StateTerm, flatten_penalties, unwrap_model
 from .spectral import MatrixView, SpectralState
 
 __all__ = ["wrap", "PenalizedOptimizer", "Projection", "SpectralNormClip", "RowL1Cap", "broadcast_state"]
@@ -170,18 +170,6 @@ def broadcast_state(state: SpectralState, src: int = 0, group: Any = None) -> No
 
 
 # ====================================================================== the wrapper
-def _flatten_penalties(penalties: Iterable[Any]) -> list[Penalty]:
-    flat: list[Penalty] = []
-    for p in penalties:
-        if isinstance(p, PenaltySum):
-            flat.extend(p.terms)
-        elif isinstance(p, Penalty):
-            flat.append(p)
-        else:
-            raise TypeError(f"Expected penalties to be Penalty objects (or sums of them), but got {type(p).__name__}")
-    return flat
-
-
 def _module_state_compatible(module: nn.Module, sd: Any, what: str) -> None:
     """Check keys and shapes before loading, so a bad checkpoint changes nothing."""
     if not isinstance(sd, dict):
@@ -217,7 +205,7 @@ class PenalizedOptimizer(Optimizer):
             penalties = [penalties]
         if isinstance(projections, Projection):
             projections = [projections]
-        terms = _flatten_penalties(penalties)
+        terms = flatten_penalties(penalties)
         projs = list(projections)
         for p in projs:
             if not isinstance(p, Projection):

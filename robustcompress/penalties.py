@@ -382,6 +382,19 @@ class Penalty(StateTerm):
         return PenaltySum(other, self)
 
 
+def flatten_penalties(items: Any) -> list[Penalty]:
+    """The individual terms of penalties and sums of penalties, in order."""
+    flat: list[Penalty] = []
+    for t in items:
+        if isinstance(t, PenaltySum):
+            flat.extend(t.terms)
+        elif isinstance(t, Penalty):
+            flat.append(t)
+        else:
+            raise TypeError(f"Expected penalties (Penalty objects or sums of them), but got {type(t).__name__}")
+    return flat
+
+
 class PenaltySum(nn.Module):
     """Several penalties as one: ``forward()`` returns their sum; built with ``+``.
 
@@ -394,15 +407,7 @@ class PenaltySum(nn.Module):
 
     def __init__(self, *terms: "Penalty | PenaltySum") -> None:
         super().__init__()
-        flat: list[Penalty] = []
-        for t in terms:
-            if isinstance(t, PenaltySum):
-                flat.extend(t.terms)
-            elif isinstance(t, Penalty):
-                flat.append(t)
-            else:
-                raise TypeError(f"Only penalties can be added together, but got {type(t).__name__}")
-        self.terms = nn.ModuleList(flat)
+        self.terms = nn.ModuleList(flatten_penalties(terms))
 
     def forward(self) -> torch.Tensor:
         values = [t() for t in self.terms]
@@ -601,7 +606,19 @@ class RowL1Penalty(Penalty):
 
 
 # ====================================================================== tail terms
-class L1Penalty(Penalty):
+class _ProximalPenalty(Penalty):
+    """A penalty the wrapper can apply as a proximal step (``proximal=True``) instead of a gradient."""
+
+    needs_k = 0
+    supports_proximal = True
+
+    def __init__(self, state_or_model, strength=1.0, proximal: bool = False, **kwargs):
+        super().__init__(state_or_model, strength, proximal=proximal, **kwargs)
+        if self.proximal:
+            _check_proximal_layers(self)
+
+
+class L1Penalty(_ProximalPenalty):
     """``Σ_ij |W_ij|`` of the (BN-folded) weight: element sparsity.
 
     With ``proximal=True`` the optimizer wrapper applies the soft threshold
@@ -615,14 +632,6 @@ class L1Penalty(Penalty):
         True
     """
 
-    needs_k = 0
-    supports_proximal = True
-
-    def __init__(self, state_or_model, strength=1.0, proximal: bool = False, **kwargs):
-        super().__init__(state_or_model, strength, proximal=proximal, **kwargs)
-        if self.proximal:
-            _check_proximal_layers(self)
-
     def layer_value(self, name):
         return self._rows(name).abs().sum()
 
@@ -635,7 +644,7 @@ class L1Penalty(Penalty):
         w.copy_(torch.sign(w) * torch.clamp(w.abs() - t, min=0))
 
 
-class GroupLassoPenalty(Penalty):
+class GroupLassoPenalty(_ProximalPenalty):
     """``Σ_i ‖w_i‖_2`` over the rows (neurons; filters of a convolution): structured sparsity.
 
     With ``proximal=True`` the wrapper applies the block soft threshold
@@ -648,14 +657,6 @@ class GroupLassoPenalty(Penalty):
         >>> torch.allclose(GroupLassoPenalty(model, 1.0)(), expected)
         True
     """
-
-    needs_k = 0
-    supports_proximal = True
-
-    def __init__(self, state_or_model, strength=1.0, proximal: bool = False, **kwargs):
-        super().__init__(state_or_model, strength, proximal=proximal, **kwargs)
-        if self.proximal:
-            _check_proximal_layers(self)
 
     def layer_value(self, name):
         return torch.linalg.vector_norm(self._rows(name), dim=1).sum()
