@@ -793,8 +793,12 @@ class SpectralState(nn.Module):
             if ref is not current:
                 # The parameter object was replaced (e.g. by pruning): rebuild the view.
                 self._ops[name] = operator_for(module, self.view, self._input_shapes.get(name), self._bn.get(name))
-            m, n = self._ops[name].shape
+            op = self._ops[name]
+            m, n = op.shape
             buf = self.layers[_key(name)]
+            if buf.V.device != op.device or buf.V.dtype != op.dtype:
+                # The model moved (model.cuda(), model.double()): the warm vectors follow it.
+                buf.to(device=op.device, dtype=op.dtype)
             if buf.U.shape[0] != m or buf.V.shape[0] != n:
                 raise ValueError(
                     f"Layer {name!r} changed shape since the SpectralState was built: operator was "

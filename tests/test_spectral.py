@@ -303,3 +303,14 @@ def test_cholesky_qr2_survives_ill_conditioning():
     q = cholesky_qr2(y)
     assert torch.allclose(q.T @ q, torch.eye(6), atol=1e-5)
     assert F.cosine_similarity(q[:, 0], y[:, 0], dim=0) > 0.999999
+
+
+def test_warm_vectors_follow_the_model_dtype():
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    state = SpectralState(model, k=2, init_iter=50)
+    before = state.sigmas("0").double()
+    model.double()
+    state.step()
+    assert state.layers["0"].V.dtype == torch.float64
+    assert torch.allclose(state.sigmas("0"), before, rtol=1e-4)
+    assert state.sigma("0").dtype == torch.float64
