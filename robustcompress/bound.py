@@ -373,26 +373,26 @@ def _bn_scale(bn: nn.Module) -> torch.Tensor:
         )
     if bn.running_var is None:
         raise ValueError(f"{type(bn).__name__} without running statistics (track_running_stats=False) is not supported")
-    s = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+    s = torch.rsqrt(bn.running_var.detach().to("cpu", torch.float64) + bn.eps)
     if bn.weight is not None:
-        s = bn.weight.detach().double() * s
+        s = bn.weight.detach().to("cpu", torch.float64) * s
     return s
 
 
 def _as_layer(module: nn.Module, bn: nn.Module | None = None) -> _Layer:
     if isinstance(module, LowRankLinear):
-        w = module.weight_b.detach().double() @ module.weight_a.detach().double()
+        w = module.weight_b.detach().to("cpu", torch.float64) @ module.weight_a.detach().to("cpu", torch.float64)
         layer = _Layer("linear", w, None)
     elif isinstance(module, nn.Linear):
-        layer = _Layer("linear", module.weight.detach().double(), None)
+        layer = _Layer("linear", module.weight.detach().to("cpu", torch.float64), None)
     elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
         d = module.weight.dim() - 2
-        layer = _Layer("conv", module.weight.detach().double(), None, module.groups, _tuple(module.stride, d),
+        layer = _Layer("conv", module.weight.detach().to("cpu", torch.float64), None, module.groups, _tuple(module.stride, d),
                        _tuple(module.dilation, d), (), module.padding_mode, module.padding, module.in_channels)
     elif isinstance(module, LowRankConv2d):
         a = module.conv_args
-        layer = _Layer("conv", module.weight_a.detach().double(),
-                       rearrange(module.weight_b.detach().double(), "o r 1 1 -> o r"), 1,
+        layer = _Layer("conv", module.weight_a.detach().to("cpu", torch.float64),
+                       rearrange(module.weight_b.detach().to("cpu", torch.float64), "o r 1 1 -> o r"), 1,
                        _tuple(a["stride"], 2), _tuple(a["dilation"], 2), (), "zeros", a["padding"],
                        module.in_channels)
     else:
@@ -1184,7 +1184,7 @@ def lipschitz_bound(
         if isinstance(a, fx.Node) and a.op == "get_attr":
             t = _get_attr(gm, a.target)
             if isinstance(t, torch.Tensor):
-                return t.detach().double()
+                return t.detach().to("cpu", torch.float64)
         raise ValueError(f"{_describe(node, modules)}: a product or quotient needs a constant operand (a number or "
                          "a buffer / parameter), since a product of two inputs has no global Lipschitz bound")
 
@@ -1223,7 +1223,14 @@ def lipschitz_bound(
                 shape = _tensor_shape(a)
                 bn = None
                 users = list(node.users)
-                if len(users) == 1 and users[0].op == "call_module" and isinstance(
+                # BatchNorm scales dim 1. That is the layer's output axis for a
+                # convolution, and for a Linear only when its output is (N, F):
+                # on (N, L, F) a Linear acts on the last axis while BN scales L,
+                # and diag(s)·W would under-estimate max(s)·σ₁(W).
+                out_shape = _tensor_shape(node)
+                foldable = (not isinstance(mod, (nn.Linear, LowRankLinear))
+                            or (out_shape is not None and len(out_shape) == 1))
+                if foldable and len(users) == 1 and users[0].op == "call_module" and isinstance(
                         modules[users[0].target], nn.modules.batchnorm._BatchNorm):
                     bn = modules[users[0].target]
                     folded[users[0]] = node
@@ -1512,5 +1519,5 @@ def certified_radius(
 
 def _head_matrix(module: nn.Module) -> torch.Tensor:
     if isinstance(module, LowRankLinear):
-        return module.weight_b.detach().double() @ module.weight_a.detach().double()
-    return module.weight.detach().double()
+        return module.weight_b.detach().to("cpu", torch.float64) @ module.weight_a.detach().to("cpu", torch.float64)
+    return module.weight.detach().to("cpu", torch.float64)

@@ -522,22 +522,53 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return ""
 
 
-def _find_bn_successors(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
-    """Layers whose only consumer is a BatchNorm module, found by tracing with torch.fx."""
+def _find_bn_successors(model: nn.Module, names: Sequence[str],
+                        example_input: torch.Tensor | None = None) -> dict[str, nn.Module]:
+    """Layers whose only consumer is a BatchNorm over their output channels, found with torch.fx.
+
+    BatchNorm scales dim 1. For a convolution that is its output-channel axis;
+    for a Linear only when its output is ``(N, F)`` — on ``(N, L, F)`` the
+    Linear acts on the last axis and BN on ``L``, and ``diag(s)·W`` would be
+    the wrong operator. The feature counts must match; with an example input
+    the Linear's output rank is checked too.
+    """
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        gm = torch.fx.symbolic_trace(model)
     except Exception:  # noqa: BLE001 - an untraceable model simply gets no folding
         return {}
+    ranks: dict[str, int] = {}
+    if example_input is not None:
+        handles = []
+        for name in names:
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_hook(
+                lambda mod, args, out, name=name: ranks.setdefault(name, out.dim())))
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(example_input)
+        finally:
+            model.train(was_training)
+            for h in handles:
+                h.remove()
     named = dict(model.named_modules())
     wanted = set(names)
     found = {}
-    for node in graph.nodes:
-        if node.op == "call_module" and node.target in wanted and len(node.users) == 1:
-            (user,) = node.users
-            if user.op == "call_module" and isinstance(named.get(user.target), nn.modules.batchnorm._BatchNorm):
-                bn = named[user.target]
-                if bn.track_running_stats and bn.running_var is not None:
-                    found[node.target] = bn
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target not in wanted or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        bn = named.get(user.target) if user.op == "call_module" else None
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats or bn.running_var is None:
+            continue
+        layer = named[node.target]
+        if isinstance(layer, (nn.Linear, LowRankLinear)):
+            if bn.num_features != layer.out_features or ranks.get(node.target, 2) != 2:
+                continue
+        elif bn.num_features != layer.out_channels if hasattr(layer, "out_channels") else True:
+            continue
+        found[node.target] = bn
     return found
 
 
@@ -577,6 +608,9 @@ class SpectralState(nn.Module):
         input_shapes: alternatively, ``{layer name: input shape}`` (operator view).
         fold_bn: iterate a layer followed by BatchNorm as ``diag(γ/√(var+ε))·W``
             using the running statistics (the operator the model applies in eval mode).
+            A Linear applied to sequences ``(N, L, F)`` and followed by a
+            BatchNorm1d over ``L`` is not that operator: pass ``input_shape`` /
+            ``example_input`` (the output rank is then checked) or ``fold_bn=False``.
         on_nonfinite: ``"raise"`` (a ValueError naming the layer) or ``"skip"``
             (warn, keep that layer's previous vectors). NaN never enters the state.
         backend: ``"auto"`` (the fused Triton kernel on CUDA when available, else
@@ -682,7 +716,10 @@ class SpectralState(nn.Module):
                     example_input = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
                 shapes = record_input_shapes(model, example_input, tracked)
         self._input_shapes = shapes
-        self._bn = _find_bn_successors(model, tracked) if fold_bn else {}
+        if fold_bn and example_input is None and input_shape is not None:
+            p = next(model.parameters())
+            example_input = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
+        self._bn = _find_bn_successors(model, tracked, example_input) if fold_bn else {}
         self._names = tracked
         self._ops: dict[str, LinearOperator] = {}
         for name in tracked:

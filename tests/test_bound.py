@@ -484,3 +484,21 @@ def test_docstring_examples_run():
     import robustcompress.bound as mod
 
     assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+def test_linear_on_a_sequence_is_not_folded_with_batchnorm_over_the_sequence_axis():
+    # Linear acts on the last axis of (N, L, F); BatchNorm1d scales axis 1 (L).
+    # Folding diag(s)·W would give σ₁(diag(s)·W) = 100 here; the operator's norm is max(s)·σ₁(W) = 1000.
+    from robustcompress.bound import lipschitz_bound
+
+    lin = nn.Linear(4, 4, bias=False)
+    bn = nn.BatchNorm1d(4)
+    with torch.no_grad():
+        lin.weight.copy_(torch.diag(torch.tensor([10.0, 1.0, 1.0, 1.0])))
+        bn.running_var.copy_(torch.tensor([1.0, 1.0, 1.0, 1e-4]) - bn.eps)
+    model = nn.Sequential(lin, bn).eval()
+    jac = torch.autograd.functional.jacobian(lambda z: model(z.reshape(1, 4, 4)).flatten(),
+                                             torch.zeros(16)).double()
+    true = torch.linalg.svdvals(jac)[0].item()
+    assert true == pytest.approx(1000.0, rel=1e-3)
+    assert lipschitz_bound(model, (4, 4)).K2 >= true * (1 - 1e-6)

@@ -314,3 +314,13 @@ def test_warm_vectors_follow_the_model_dtype():
     assert state.layers["0"].V.dtype == torch.float64
     assert torch.allclose(state.sigmas("0"), before, rtol=1e-4)
     assert state.sigma("0").dtype == torch.float64
+
+
+def test_linear_on_sequences_is_not_folded_with_a_batchnorm_over_the_sequence_axis():
+    # (N, L, F) -> Linear(F, F) -> BatchNorm1d(L): BN scales L, not the Linear's outputs.
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    assert SpectralState(model, input_shape=(4, 4)).folded_bn("0") is None
+    mismatched = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(4)).eval()  # (N, 4, 4) -> (N, 4, 6)
+    assert SpectralState(mismatched).folded_bn("0") is None
+    flat = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)).eval()
+    assert SpectralState(flat, input_shape=(4,)).folded_bn("0") is flat[1]
