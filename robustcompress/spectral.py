@@ -541,8 +541,9 @@ def _find_bn_successors(model: nn.Module, names: Sequence[str],
         handles = []
         for name in names:
             module = model.get_submodule(name)
-            handles.append(module.register_forward_hook(
-                lambda mod, args, out, name=name: ranks.setdefault(name, out.dim())))
+            def hook(mod, args, out, name=name) -> None:  # returns None: the output is untouched
+                ranks.setdefault(name, out.dim())
+            handles.append(module.register_forward_hook(hook))
         was_training = model.training
         try:
             model.eval()
