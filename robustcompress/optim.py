@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
@@ -336,30 +337,62 @@ class PenalizedOptimizer(Optimizer):
         """Add penalty gradients, step the wrapped optimizer, then prox and project.
 
         Args:
-            closure: re-evaluates the task loss and calls ``backward()`` (as for any optimizer).
+            closure: re-evaluates the task loss and calls ``backward()`` (as for any
+                optimizer). The wrapped optimizer calls it (LBFGS several times); the
+                penalty gradients are added after every evaluation, with the state
+                stepped and the term counters advanced once per real step.
 
         Returns:
-            The closure's loss, if any.
+            The closure's loss plus the penalty, if a closure was given.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         gradient_terms = [p for p in self.penalties if not p.proximal]
         if self._shared_state is not None:
             self._shared_state.step()
             self._sync(self._shared_state)
-        # Evaluate every term before touching any gradient: a failing term
-        # (bad schedule, NaN weights) leaves the model and optimizer as they were.
+        # Each term's counter advances once per real step, also when a closure
+        # is evaluated several times (LBFGS); a failing term rolls them all back.
+        calls = {id(t): t._calls for t in gradient_terms}
+        try:
+            active = []
+            for term in gradient_terms:
+                strength = term.begin_step()
+                if strength is not None:
+                    active.append((term, strength))
+        except Exception:
+            for t in gradient_terms:
+                t._calls = calls[id(t)]
+            raise
+        if closure is None:
+            self._add_penalty_grads(active)
+            self.optimizer.step()
+            loss = None
+        else:
+            def closure_with_penalties():
+                with torch.enable_grad():
+                    value = closure()
+                self._add_penalty_grads(active)
+                # The loss the optimizer sees matches the gradient it gets (LBFGS line search).
+                if isinstance(value, torch.Tensor) and self.last_penalty is not None:
+                    value = value + self.last_penalty.to(value.device, value.dtype)
+                return value
+
+            loss = self.optimizer.step(closure_with_penalties)
+        self._post_step()
+        self.steps += 1
+        return loss
+
+    def _add_penalty_grads(self, active: list[tuple[Penalty, float]]) -> None:
+        """``θ.grad += ∇_θ Σ strength·term`` for the active gradient terms.
+
+        Every term is evaluated before any gradient is touched: a failing term
+        (NaN weights, say) leaves the gradients as they were.
+        """
         total, logged, updates = None, [], []
-        if gradient_terms:
+        if active:
             params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
             dev = params[0].device if params else torch.device("cpu")
             with torch.enable_grad(), torch.autocast(device_type=dev.type, enabled=False):
-                for term in gradient_terms:
-                    strength = term.begin_step()
-                    if strength is None:
-                        continue
+                for term, strength in active:
                     if term.owns_state:
                         self._sync(term.state)
                     closed = term.closed_form(strength)
@@ -367,8 +400,7 @@ class PenalizedOptimizer(Optimizer):
                         value, ups = closed
                         updates.extend(ups)
                     else:
-                        with torch.autocast(device_type=dev.type, enabled=False):
-                            value = strength * term.value_now()
+                        value = strength * term.value_now()
                         total = value if total is None else total + value.to(total.device)
                     term.last_value = value.detach()
                     logged.append(term.last_value)
@@ -376,10 +408,6 @@ class PenalizedOptimizer(Optimizer):
                 self._add_grads(total, params)
             self._add_rank_one(updates)
         self.last_penalty = torch.stack([v.float().to(logged[0].device) for v in logged]).sum() if logged else None
-        self.optimizer.step()
-        self._post_step()
-        self.steps += 1
-        return loss
 
     @torch.no_grad()
     def _post_step(self) -> None:
@@ -413,7 +441,17 @@ class PenalizedOptimizer(Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load what :meth:`state_dict` saved; everything is checked before anything is loaded."""
+        """Load what :meth:`state_dict` saved; everything is checked before anything is loaded.
+
+        A plain optimizer checkpoint (keys ``state`` and ``param_groups``, saved
+        before the penalties were added) is loaded into the wrapped optimizer;
+        the warm vectors and term counters then start afresh (with a warning).
+        """
+        if isinstance(state_dict, dict) and set(state_dict) == {"state", "param_groups"}:
+            self.optimizer.load_state_dict(state_dict)
+            warnings.warn("Loaded a plain optimizer state dict: the wrapped optimizer resumes, the spectral "
+                          "state and penalty counters start afresh", UserWarning, stacklevel=2)
+            return
         if not isinstance(state_dict, dict) or not {"optimizer", "spectral_state", "penalties", "projections",
                                                       "steps"} <= set(state_dict):
             raise ValueError("Expected a state dict saved by PenalizedOptimizer.state_dict() (keys optimizer, "

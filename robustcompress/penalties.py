@@ -211,6 +211,8 @@ class StateTerm(nn.Module):
         if self.needs_k == 0:
             return
         for name in self.names:
+            if self._exact_layer(name):
+                continue  # computed from svdvals: k is never read for this layer
             m, n = self._state.operator(name).shape
             if need > min(m, n):
                 raise ValueError(f"k={need} is larger than min(shape)={min(m, n)} of layer {name!r} "
@@ -251,6 +253,10 @@ class StateTerm(nn.Module):
                     for p in mod.parameters(recurse=False):
                         seen.setdefault(id(p), p)
         return list(seen.values())
+
+    def _exact_layer(self, name: str) -> bool:
+        """Whether the term computes layer ``name`` exactly (no tracked directions needed)."""
+        return False
 
     def _tick(self) -> tuple[bool, int]:
         """Advance the call counter; return (active, step index)."""
@@ -732,8 +738,12 @@ class NuclearNormPenalty(Penalty):
             raise ValueError(f"Expected bound to be 'upper' or 'lower', but got bound={bound!r}")
         positive_int(exact_max_dim, "exact_max_dim")
         self.needs_k = 0 if method == "exact" else k
-        super().__init__(state_or_model, strength, k=k, **kwargs)
+        # Set before the base class checks k per layer: that check skips exact layers.
         self.k, self.method, self.bound, self.exact_max_dim = k, method, bound, exact_max_dim
+        super().__init__(state_or_model, strength, k=k, **kwargs)
+
+    def _exact_layer(self, name: str) -> bool:
+        return self.uses_exact(name)
 
     def uses_exact(self, name: str) -> bool:
         """Whether layer ``name`` is computed with ``svdvals``."""

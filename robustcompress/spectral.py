@@ -423,14 +423,18 @@ def record_input_shapes(model: nn.Module, example_input: torch.Tensor,
     """
     named = dict(model.named_modules())
     wanted = list(modules) if modules is not None else [n for n, m in named.items() if isinstance(m, SUPPORTED_LAYERS)]
+    unknown = [n for n in wanted if n not in named]
+    if unknown:
+        raise ValueError(f"Unknown module names {unknown}; layers of this model: "
+                         f"{[n for n, m in named.items() if isinstance(m, SUPPORTED_LAYERS)]}")
     shapes: dict[str, tuple[int, ...]] = {}
     handles = []
-    for name in wanted:
-        def hook(mod, args, name=name):
-            shapes.setdefault(name, tuple(args[0].shape[1:]))
-        handles.append(named[name].register_forward_pre_hook(hook))
     was_training = model.training
     try:
+        for name in wanted:
+            def hook(mod, args, name=name):
+                shapes.setdefault(name, tuple(args[0].shape[1:]))
+            handles.append(named[name].register_forward_pre_hook(hook))
         model.eval()
         with torch.no_grad():
             model(example_input)
@@ -880,10 +884,12 @@ class SpectralState(nn.Module):
     def _products_fused(self, names: list[str], out: dict) -> list[str]:
         """Send ungrouped matrix views to the fused Triton kernel (CUDA); return the layers left."""
         eligible = [n for n in names if isinstance(self._ops[n], MatrixView) and self._ops[n].groups == 1
+                    and self._ops[n].weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
                     and (self._ops[n].device.type == "cuda" or self.backend == "triton")]
         if not eligible:
             if self.backend == "triton":
-                raise RuntimeError("backend='triton' but no layer is an ungrouped matrix view to run the kernel on")
+                raise RuntimeError("backend='triton' but no layer is one the kernel runs: an ungrouped matrix view "
+                                   "with float32, bfloat16 or float16 weights")
             return names
         from . import kernels
 
@@ -926,10 +932,10 @@ class SpectralState(nn.Module):
     def step(self, n_iter: int = 1) -> None:
         """Run ``n_iter`` warm subspace iterations on every tracked layer.
 
-        Non-finite values are kept out of the buffers without a host
-        synchronisation; the check that raises or warns costs one
-        synchronisation per call (per iteration with ``k > 1``, where
-        CholeskyQR2 decides on its QR fallback on the host).
+        Non-finite values are kept out of the buffers. On CUDA each iteration
+        synchronises with the host once or twice (k = 1: to choose the
+        list-wide update; k > 1: CholeskyQR2's QR fallback), and the check
+        that raises or warns once per call.
 
         Raises:
             ValueError: a weight holds NaN/Inf (``on_nonfinite="raise"``), or a

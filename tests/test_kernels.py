@@ -243,3 +243,27 @@ def test_import_does_not_import_triton():
     code = "import sys, robustcompress, robustcompress.kernels; sys.exit('triton' in sys.modules)"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_spectral_state_triton_backend_matches_torch_backend(k):
+    # fp32 layers (one BN-folded) go through the kernel; the float64 layer falls back to torch.
+    from torch import nn
+
+    from robustcompress.spectral import SpectralState
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 9), nn.ReLU(),
+                          nn.Linear(9, 3).double())
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.uniform_(-2.0, 2.0)
+    model.eval()
+    fused = SpectralState(model, k=k, backend="triton", init_iter=0)
+    plain = SpectralState(model, k=k, backend="torch", init_iter=0)
+    fused.step(20)
+    plain.step(20)
+    for name in plain.names:
+        torch.testing.assert_close(fused.sigmas(name), plain.sigmas(name), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused.vectors(name)[1].abs(), plain.vectors(name)[1].abs(), rtol=1e-4, atol=1e-5)
+    assert fused.folded_bn("0") is model[1]

@@ -337,3 +337,60 @@ def test_scheduler_reaches_the_inner_optimizer_after_load_state_dict():
     sched.step()
     assert opt.param_groups is inner.param_groups and opt.state is inner.state
     assert inner.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_lbfgs_closure_sees_the_penalty_in_loss_and_gradient():
+    from robustcompress.optim import wrap
+    from robustcompress.penalties import SpectralNormPenalty
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    penalty = SpectralNormPenalty(model, strength=0.1)
+    opt = wrap(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5), model, [penalty])
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        calls.append(float(loss.detach()))
+        return loss
+
+    before = penalty._calls
+    loss = opt.step(closure)
+    assert len(calls) > 1                      # LBFGS evaluated the closure several times
+    assert penalty._calls == before + 1        # … but the term ticked once for the real step
+    assert float(loss) == pytest.approx(calls[0] + penalty.value, rel=1e-5)
+
+
+def test_plain_optimizer_checkpoint_loads_into_the_wrapper():
+    from robustcompress.optim import wrap
+    from robustcompress.penalties import SpectralNormPenalty
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    plain = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 4)).sum().backward()
+    plain.step()
+    saved = plain.state_dict()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), model, [SpectralNormPenalty(model, 1e-3)])
+    with pytest.warns(UserWarning, match="plain optimizer"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 0.1
+    assert len(opt.state) == len(plain.state)
+
+
+def test_a_failing_schedule_rolls_back_every_counter():
+    from robustcompress.optim import wrap
+    from robustcompress.penalties import L1Penalty, SpectralNormPenalty
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    good = SpectralNormPenalty(model, 1e-3)
+    bad = L1Penalty(model, strength=lambda step: -1.0)
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), model, [good, bad])
+    model(torch.randn(2, 4)).sum().backward()
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="strength"):
+        opt.step()
+    assert good._calls == 0 and bad._calls == 0
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))

@@ -312,3 +312,14 @@ def test_bad_inputs_raise_clear_errors():
     other = small_model(seed=3)
     with pytest.raises(ValueError, match="different model"):
         SpectralNormPenalty(state).check_model(other)
+
+
+def test_nuclear_norm_auto_accepts_small_layers_it_computes_exactly():
+    from robustcompress.penalties import NuclearNormPenalty
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    p = NuclearNormPenalty(model, strength=1.0)  # k=8 > min(6, 4): exact svdvals is used there
+    expected = torch.linalg.svdvals(model[0].weight.double()).sum()
+    assert float(p()) == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="k=8"):
+        NuclearNormPenalty(model, strength=1.0, method="bound")

@@ -324,3 +324,13 @@ def test_linear_on_sequences_is_not_folded_with_a_batchnorm_over_the_sequence_ax
     assert SpectralState(mismatched).folded_bn("0") is None
     flat = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)).eval()
     assert SpectralState(flat, input_shape=(4,)).folded_bn("0") is flat[1]
+
+
+def test_record_input_shapes_rejects_unknown_names_and_leaves_no_hooks():
+    from robustcompress.spectral import record_input_shapes
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    with pytest.raises(ValueError, match="nope"):
+        record_input_shapes(model, torch.zeros(1, 1, 6, 6), ["0", "nope"])
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert record_input_shapes(model, torch.zeros(2, 1, 6, 6)) == {"0": (1, 6, 6), "3": (32,)}
