@@ -45,7 +45,9 @@ def batches(data: Any, batch_size: int, shuffle: bool = False,
         order = torch.randperm(xs.shape[0], generator=generator) if shuffle else torch.arange(xs.shape[0])
         source = ((xs[i], ys[i]) for i in order.to(xs.device).split(batch_size))
     elif isinstance(data, Dataset):
-        source = DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator)
+        # A generator of its own: DataLoader otherwise draws its base seed from torch's global RNG.
+        source = DataLoader(data, batch_size=batch_size, shuffle=shuffle,
+                            generator=generator if generator is not None else torch.Generator())
     else:
         raise TypeError(
             "Expected data to be a torch Dataset of (x, y) pairs, a DataLoader, or a tuple (x, y) of tensors, "

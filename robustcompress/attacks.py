@@ -742,6 +742,8 @@ def _representation(model: nn.Module, layer: str | None) -> Callable[[torch.Tens
             model(u)
         finally:
             handle.remove()
+        if not captured:
+            raise ValueError(f"layer {layer!r} was not called in the model's forward pass")
         return captured[-1]
 
     return rep
@@ -763,7 +765,7 @@ def _jacobian_gram(fn: Callable, x: torch.Tensor) -> Callable[[torch.Tensor], to
 
 def _directions(model, x, k, source, n_iter, layer, seed, per_example):
     """Directions as ``(B, D, k)``: ``B = 1`` (shared) or ``N`` (per example)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(0 if seed is None else _seed_arg(seed))
     if source == "first_layer":
         if layer is not None:
             raise ValueError("layer= applies to source='jacobian' only")
@@ -991,11 +993,12 @@ def adversarial_batch(
     ratio = fraction(ratio, "ratio", closed_right=True)
     seed = _seed_arg(seed)
     model, x, y, lo, hi, _ = _validated_outside_mode(model, x, y, domain)
+    eps_t = _eps_arg(eps, x.shape[0], x)  # a number, or one budget per example of the batch
     n_adv = int(round(ratio * x.shape[0]))
     chosen = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n_adv].to(x.device)
     x_mixed = x.detach().clone()
     if n_adv:
-        x_mixed[chosen] = pgd(model, x[chosen], y[chosen], eps, norm, steps, step_size, 1, True, "ce",
+        x_mixed[chosen] = pgd(model, x[chosen], y[chosen], eps_t[chosen], norm, steps, step_size, 1, True, "ce",
                               False, False, (lo, hi), seed + 1)
     return x_mixed, y
 

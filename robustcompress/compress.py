@@ -540,6 +540,9 @@ def prune(
         layers = list(layers)
     _check_prunable(model, mask_only)
     example = _default_example(model, example_inputs)
+    first = _first_param(model)
+    if first is not None:
+        example = example.to(first.device)
     try:
         import torch_pruning as tp
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -577,7 +580,9 @@ def amounts_for_energy(model: nn.Module, energy: float = 0.99, layers: Sequence[
     For a layer with rows ``w_1 … w_m`` keep ``κ = min{κ : Σ_{i≤κ} ‖w_(i)‖² ≥
     energy·Σ_i ‖w_i‖²}`` (rows by decreasing norm, :func:`metrics.rows_for_energy`,
     at least 1), i.e. ``amount = (m − κ)/m``; pass the result to :func:`prune`
-    with the default ``importance="l2"`` to remove exactly those light rows.
+    with ``importance="l2", fold_bn=False`` to remove exactly those light rows
+    (with the default ``fold_bn=True`` a layer followed by BatchNorm is scored
+    by its BN-folded rows, which can rank the rows differently).
 
     Args:
         model: the network.
@@ -1384,8 +1389,9 @@ def run_cli(args: argparse.Namespace) -> int:
             amount = args.prune if args.prune is not None else amounts_for_energy(model, args.prune_energy)
             setting = {"method": "prune", "amount": args.prune, "energy": args.prune_energy,
                        "importance": args.importance, "mask_only": args.mask_only}
+            # Energy-based amounts are computed on the raw rows: score the same rows.
             small = prune(model, amount, example_inputs=example, importance=args.importance,
-                          mask_only=args.mask_only)
+                          mask_only=args.mask_only, fold_bn=args.prune_energy is None)
         else:
             setting = {"method": "truncate", "energy": args.rank_energy, "rank": args.rank, "budget": args.rank_budget}
             small = truncate(model, energy=args.rank_energy, rank=args.rank, budget=args.rank_budget)

@@ -205,6 +205,17 @@ def robust_accuracy(
     return robust / total
 
 
+def _at_eps(attack: str | Callable[..., torch.Tensor], eps: float) -> str | Callable[..., torch.Tensor]:
+    """A named attack as it is; a callable ``(model, x, y, eps)`` bound to one budget."""
+    if isinstance(attack, str) or not callable(attack):
+        return attack
+
+    def bound(model, x, y):
+        return attack(model, x, y, eps)
+
+    return bound
+
+
 def eps_sweep(
     model: nn.Module,
     data: Any,
@@ -238,15 +249,7 @@ def eps_sweep(
         raise ValueError("Expected eps_values to hold at least one budget")
     rows = []
     for e in values:
-        if callable(attack) and not isinstance(attack, str):
-            fixed = attack
-
-            def bound(model, x, y, _e=e):
-                return fixed(model, x, y, _e)
-
-            acc = robust_accuracy(model, data, bound, e, norm, **kw)
-        else:
-            acc = robust_accuracy(model, data, attack, e, norm, **kw)
+        acc = robust_accuracy(model, data, _at_eps(attack, e), e, norm, **kw)
         rows.append({"eps": e, "robust_accuracy": acc})
     return rows
 
@@ -399,7 +402,8 @@ def _collect(data: Any, n_examples: int | None, batch_size: int, device: torch.d
 @contextlib.contextmanager
 def _rng_fork(device: torch.device):
     """Keep torchattacks' global ``manual_seed`` calls from leaking out."""
-    devices = [device] if device.type == "cuda" else []
+    # torchattacks reseeds through torch.manual_seed, which reseeds every CUDA device.
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         yield
 
@@ -513,6 +517,9 @@ def autoattack_accuracy(
             if name == "apgd-dlr" and n_classes < 3:
                 skipped[name] = "the DLR loss needs at least 3 classes"
                 continue
+            if name == "apgd-t" and n_classes < 4:
+                skipped[name] = "the targeted DLR loss needs at least 4 classes"
+                continue
             try:
                 attack = _torchattacks_attack(name, wrapped, norm, eps_unit, steps, n_queries, seed, n_classes)
             except (ImportError, AttributeError) as err:
@@ -571,7 +578,8 @@ def gradient_masking_check(
         model, data, norm, batch_size, domain: as in :func:`robust_accuracy`.
         eps_large: a budget large enough to break every example.
         eps: the budget under test.
-        attack: the white-box attack (a name or callable, as in :func:`robust_accuracy`).
+        attack: the white-box attack: a name, or a callable ``(model, x, y, eps)``
+            (ε differs between the two checks, as in :func:`eps_sweep`).
         black_box: ``"random"`` or ``"square"``.
         n_queries: the black box's query budget.
         max_large_eps_accuracy: largest robust accuracy accepted at ``eps_large``.
@@ -607,8 +615,8 @@ def gradient_masking_check(
     if isinstance(attack, str):
         white_kw.setdefault("seed", seed)
     clean = accuracy(model, data, batch_size)
-    large = robust_accuracy(model, data, attack, eps_large, **common, **white_kw)
-    white = robust_accuracy(model, data, attack, eps, **common, **white_kw)
+    large = robust_accuracy(model, data, _at_eps(attack, eps_large), eps_large, **common, **white_kw)
+    white = robust_accuracy(model, data, _at_eps(attack, eps), eps, **common, **white_kw)
     if black_box == "random":
         black = robust_accuracy(model, data, "random", eps, n_queries=n_queries, seed=seed, **common)
     else:

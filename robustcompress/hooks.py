@@ -46,6 +46,7 @@ from torch import nn
 
 from ._checks import positive_int
 from .penalties import _select, unwrap_model
+from .layers import LowRankLinear
 from .spectral import SpectralState
 
 try:  # the metrics module holds the reference definitions; fall back to the formulas inline
@@ -162,6 +163,7 @@ class Tracker:
         self._active = step % self.every == 0
         if self._active:
             self._step = step
+            self._pending = []  # rows of a tracked forward that raised are dropped, not written late
             self._raise_nonfinite()
 
     def _layer_hook(self, name: str) -> Callable:
@@ -179,7 +181,8 @@ class Tracker:
                     else:
                         flag.logical_or_(bad)
             if self._active and self.activations:
-                self._pending.extend(self._activation_rows(name, out))
+                self._pending.extend(self._activation_rows(name, out, features_last=isinstance(
+                    module, (nn.Linear, LowRankLinear))))
         return hook
 
     def _root_post(self, module: nn.Module, args: Any, out: Any) -> None:
@@ -195,11 +198,16 @@ class Tracker:
         return {"step": self._step, "layer": layer, "metric": metric, "value": float(value)}
 
     @torch.no_grad()
-    def _activation_rows(self, name: str, out: torch.Tensor) -> list[dict]:
+    def _activation_rows(self, name: str, out: torch.Tensor, features_last: bool = False) -> list[dict]:
         a = out.detach()
         if a.dim() < 2:
             return []
-        a = rearrange(a, "n c ... -> (n ...) c").float()
+        # Rows are samples (and positions), columns the layer's units: channels
+        # (dim 1) of a convolution, the last dim of a Linear on (N, …, F).
+        if features_last:
+            a = rearrange(a, "... f -> (...) f").float()
+        else:
+            a = rearrange(a, "n c ... -> (n ...) c").float()
         if not bool(torch.isfinite(a).all()):
             return []  # reported by the flag at the next tracking step
         s = torch.linalg.svdvals(a)

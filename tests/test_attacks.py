@@ -341,3 +341,40 @@ def test_attacks_on_cuda_match_cpu():
     assert torch.allclose(cpu, gpu.cpu(), atol=1e-5)
     x_adv = sensitive_direction_attack(copy.deepcopy(model).cuda(), x.cuda(), y.cuda(), 0.1, source="jacobian")
     assert float(_sizes(x.cuda(), x_adv, 2.0).max()) <= 0.1 + 1e-6
+
+
+def test_sensitive_direction_errors_are_clear():
+    from robustcompress.attacks import sensitive_direction_attack
+
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+            self.unused = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.net(x)
+
+    torch.manual_seed(0)
+    model = WithUnused()
+    x, y = torch.rand(5, 4), torch.randint(0, 3, (5,))
+    out = sensitive_direction_attack(model, x, y, 0.1, seed=None)
+    assert out.shape == x.shape
+    with pytest.raises(ValueError, match="not called"):
+        sensitive_direction_attack(model, x, y, 0.1, source="jacobian", layer="unused")
+    with pytest.raises(ValueError, match="seed"):
+        sensitive_direction_attack(model, x, y, 0.1, seed=1.5)
+
+
+def test_adversarial_batch_takes_one_budget_per_example():
+    from robustcompress.attacks import adversarial_batch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.rand(6, 4), torch.randint(0, 3, (6,))
+    eps = torch.tensor([0.0, 0.0, 0.0, 0.2, 0.2, 0.2])
+    x_mix, _ = adversarial_batch(model, x, y, ratio=1.0, eps=eps, seed=0)
+    moved = (x_mix - x).abs().amax(1)
+    assert torch.all(moved <= eps + 1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        adversarial_batch(model, x, y, ratio=0.5, eps=torch.ones(3))

@@ -210,3 +210,36 @@ def test_bad_arguments():
         gradient_masking_check(model, (x, y), 0.1, 0.2)
     with pytest.raises(ValueError, match="components"):
         autoattack_accuracy(model, (x, y), 0.1, components=("apgd-ce", "cw"))
+
+
+def test_autoattack_skips_the_targeted_component_below_four_classes():
+    pytest.importorskip("torchattacks")
+    from robustcompress.evaluate import autoattack_accuracy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3)).eval()
+    x = torch.rand(8, 6)
+    y = model(x).argmax(1)
+    out = autoattack_accuracy(model, (x, y), eps=0.05, components=("apgd-ce", "apgd-t"), steps=3)
+    assert "apgd-t" in out["skipped"] and "4 classes" in out["skipped"]["apgd-t"]
+
+
+def test_gradient_masking_check_binds_eps_for_a_callable_attack(trained_digits_mlp, digits_data):
+    x, y = digits_data[1].tensors
+    seen = []
+
+    def attack(model, xb, yb, eps):
+        seen.append(eps)
+        return pgd(model, xb, yb, eps, steps=10, seed=0)
+
+    report = gradient_masking_check(trained_digits_mlp, (x[:48], y[:48]), eps_large=1.0, eps=0.1, attack=attack,
+                                    n_queries=50)
+    assert set(seen) == {1.0, 0.1}
+    assert report["large_eps_accuracy"] <= report["white_box_accuracy"]
+
+
+def test_evaluation_leaves_the_global_rng_alone(trained_digits_mlp, digits_data):
+    subset = torch.utils.data.Subset(digits_data[1], list(range(40)))
+    before = torch.random.get_rng_state()
+    accuracy(trained_digits_mlp, subset)
+    assert torch.equal(before, torch.random.get_rng_state())

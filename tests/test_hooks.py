@@ -142,3 +142,15 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="Unknown layer"):
         track(model, layers=["9"])
     assert not model._forward_pre_hooks  # failed calls registered nothing
+
+
+def test_linear_on_sequences_counts_features_on_the_last_axis():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3))
+    rows = []
+    handle = track(model, every=1, sink=rows)
+    model.train()
+    model(torch.randn(4, 7, 5))
+    handle.remove()
+    eff = [r["value"] for r in rows if r["metric"] == "effective_rank" and r["layer"] == "0"]
+    assert eff and all(v <= 3 + 1e-6 for v in eff)  # at most the layer's 3 units
