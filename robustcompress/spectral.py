@@ -428,13 +428,25 @@ def record_input_shapes(model: nn.Module, example_input: torch.Tensor,
         raise ValueError(f"Unknown module names {unknown}; layers of this model: "
                          f"{[n for n, m in named.items() if isinstance(m, SUPPORTED_LAYERS)]}")
     shapes: dict[str, tuple[int, ...]] = {}
+    _observe_forward(model, example_input, wanted,
+                     lambda name, args, out: shapes.setdefault(name, tuple(args[0].shape[1:])))
+    return shapes
+
+
+def _observe_forward(model: nn.Module, example_input: torch.Tensor, names: Iterable[str],
+                     observe: Callable[[str, tuple, torch.Tensor], object]) -> None:
+    """One eval-mode, no-grad forward pass calling ``observe(name, args, output)`` for each named module.
+
+    The hooks never change an output, are always removed, and the model's
+    train/eval mode is restored, also on error.
+    """
     handles = []
     was_training = model.training
     try:
-        for name in wanted:
-            def hook(mod, args, name=name):
-                shapes.setdefault(name, tuple(args[0].shape[1:]))
-            handles.append(named[name].register_forward_pre_hook(hook))
+        for name in names:
+            def hook(mod, args, out, name=name) -> None:
+                observe(name, args, out)
+            handles.append(model.get_submodule(name).register_forward_hook(hook))
         model.eval()
         with torch.no_grad():
             model(example_input)
@@ -442,7 +454,6 @@ def record_input_shapes(model: nn.Module, example_input: torch.Tensor,
         model.train(was_training)
         for h in handles:
             h.remove()
-    return shapes
 
 
 def operator_for(layer: nn.Module, view: str = "matrix", input_shape: Sequence[int] | None = None,
@@ -542,21 +553,7 @@ def _find_bn_successors(model: nn.Module, names: Sequence[str],
         return {}
     ranks: dict[str, int] = {}
     if example_input is not None:
-        handles = []
-        for name in names:
-            module = model.get_submodule(name)
-            def hook(mod, args, out, name=name) -> None:  # returns None: the output is untouched
-                ranks.setdefault(name, out.dim())
-            handles.append(module.register_forward_hook(hook))
-        was_training = model.training
-        try:
-            model.eval()
-            with torch.no_grad():
-                model(example_input)
-        finally:
-            model.train(was_training)
-            for h in handles:
-                h.remove()
+        _observe_forward(model, example_input, names, lambda name, args, out: ranks.setdefault(name, out.dim()))
     named = dict(model.named_modules())
     wanted = set(names)
     found = {}

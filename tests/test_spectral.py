@@ -332,5 +332,5 @@ def test_record_input_shapes_rejects_unknown_names_and_leaves_no_hooks():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
     with pytest.raises(ValueError, match="nope"):
         record_input_shapes(model, torch.zeros(1, 1, 6, 6), ["0", "nope"])
-    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
     assert record_input_shapes(model, torch.zeros(2, 1, 6, 6)) == {"0": (1, 6, 6), "3": (32,)}
