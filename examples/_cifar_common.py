@@ -29,12 +29,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import robustcompress as rc
-from robustcompress.attacks import adversarial_batch
-from robustcompress.evaluate import accuracy, robust_accuracy
-from robustcompress.optim import wrap
-from robustcompress.penalties import GroupLassoPenalty, NuclearNormPenalty, SpectralNormPenalty
 
-PENALTIES = {"spectral": SpectralNormPenalty, "group-lasso": GroupLassoPenalty, "nuclear": NuclearNormPenalty}
+PENALTIES = {"spectral": rc.SpectralNormPenalty, "group-lasso": rc.GroupLassoPenalty, "nuclear": rc.NuclearNormPenalty}
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -118,7 +114,7 @@ def make_optimizer(args: argparse.Namespace, net: nn.Module, steps_per_epoch: in
     if args.penalty != "none":
         # One shared state: the wrapper steps it once per step (and keeps DDP ranks in sync on CUDA).
         state = rc.SpectralState(net, k=8 if args.penalty == "nuclear" else 1)
-        opt = wrap(opt, net, penalties=[PENALTIES[args.penalty](state, strength=args.strength)])
+        opt = rc.wrap(opt, net, penalties=[PENALTIES[args.penalty](state, strength=args.strength)])
     total = args.epochs * steps_per_epoch
     if args.schedule == "cosine":
         factor = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
@@ -140,7 +136,7 @@ def train_epoch(args, epoch, model, net, batches, opt, sched, scaler, device, ra
             x = augment(x, gen)
         if args.adv_ratio > 0:
             # Attack the unwrapped network: DDP's forward would synchronise buffers mid-attack.
-            x, y = adversarial_batch(net, x, y, ratio=args.adv_ratio, eps=args.eps, norm=args.norm,
+            x, y = rc.adversarial_batch(net, x, y, ratio=args.adv_ratio, eps=args.eps, norm=args.norm,
                                      steps=args.adv_steps, seed=(epoch * len(batches) + i) * world + rank)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -209,7 +205,7 @@ def run(description: str, build: dict[str, Callable[[], nn.Module]], argv: list[
         t0 = time.time()
         loss = train_epoch(args, epoch, model, net, batches, opt, sched, scaler, device, rank, world)
         if main_process:
-            record = {"epoch": epoch + 1, "train_loss": round(loss, 4), "test_acc": round(accuracy(net, test), 4),
+            record = {"epoch": epoch + 1, "train_loss": round(loss, 4), "test_acc": round(rc.accuracy(net, test), 4),
                       "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 1)}
             history.append(record)
             print(json.dumps(record), flush=True)
@@ -223,8 +219,8 @@ def run(description: str, build: dict[str, Callable[[], nn.Module]], argv: list[
 
     if main_process and args.robust_n > 0 and stop == args.epochs:
         subset = TensorDataset(*(t[: args.robust_n] for t in test.tensors))
-        robust = robust_accuracy(net, subset, "pgd", eps=args.eps, norm=args.norm, steps=args.eval_steps, seed=0)
-        summary = {"clean_acc": round(accuracy(net, subset), 4), "robust_acc": round(robust, 4),
+        robust = rc.robust_accuracy(net, subset, "pgd", eps=args.eps, norm=args.norm, steps=args.eval_steps, seed=0)
+        summary = {"clean_acc": round(rc.accuracy(net, subset), 4), "robust_acc": round(robust, 4),
                    "eps": args.eps, "norm": args.norm, "steps": args.eval_steps, "n": len(subset)}
         print(json.dumps(summary))
         (out / "final.json").write_text(json.dumps(summary, indent=2))

@@ -10,8 +10,6 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import robustcompress as rc
-from robustcompress.evaluate import accuracy, robust_accuracy
-from robustcompress.optim import wrap
 
 
 def add_common_flags(p: argparse.ArgumentParser, out: str) -> argparse.ArgumentParser:
@@ -40,7 +38,7 @@ def fit(model: nn.Module, train: TensorDataset, epochs: int, lr: float, seed: in
     """Adam on cross-entropy, batches of 64; the penalties are added by the optimizer wrapper."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     if penalties:
-        opt = wrap(opt, model, penalties=list(penalties))
+        opt = rc.wrap(opt, model, penalties=list(penalties))
     device = next(model.parameters()).device
     model.train()
     for epoch in range(epochs):
@@ -53,5 +51,5 @@ def fit(model: nn.Module, train: TensorDataset, epochs: int, lr: float, seed: in
 
 def scores(model: nn.Module, test: TensorDataset, eps: float, steps: int) -> dict[str, float]:
     """Clean accuracy and PGD L∞ robust accuracy (the same seeded attack for every model)."""
-    return {"clean": round(accuracy(model, test), 4),
-            "robust": round(robust_accuracy(model, test, "pgd", eps=eps, norm="linf", steps=steps, seed=0), 4)}
+    return {"clean": round(rc.accuracy(model, test), 4),
+            "robust": round(rc.robust_accuracy(model, test, "pgd", eps=eps, norm="linf", steps=steps, seed=0), 4)}

@@ -3,7 +3,7 @@
 Three ways to compress the hidden layers of a digits MLP 64-w-w-10, each at
 several strengths: group lasso (neurons), nuclear norm (rank) and explicit
 low-rank layers (trained from scratch). Every point is trained twice: plain,
-and with SpectralNormPenalty guarding the sensitive directions. For each
+and with rc.SpectralNormPenalty guarding the sensitive directions. For each
 model it records clean and PGD L∞ robust accuracy, how compressible it is
 (the share of hidden-layer weights kept when each layer is cut to 99 % of its
 energy, by rows or by rank, whichever keeps fewer) and K₂ = Π_l σ₁(W_l).
@@ -33,7 +33,6 @@ from torch import nn
 import robustcompress as rc
 from _digits_common import add_common_flags, device_of, fit, limited, scores
 from robustcompress.metrics import rank_for_energy, rows_for_energy
-from robustcompress.penalties import GroupLassoPenalty, NuclearNormPenalty, SpectralNormPenalty
 
 # The settings a finished point depends on; a rerun with other values would mix incomparable points.
 SETTINGS = ("epochs", "width", "lr", "eps", "attack_steps", "limit", "seed", "guard_strength")
@@ -67,11 +66,11 @@ def train_point(args: argparse.Namespace, method: str, value: float, guard: bool
     model = model.to(device)
     penalties: list[nn.Module] = []
     if method == "group-lasso":
-        penalties.append(GroupLassoPenalty(model, strength=value))
+        penalties.append(rc.GroupLassoPenalty(model, strength=value))
     elif method == "nuclear":
-        penalties.append(NuclearNormPenalty(model, strength=value))
+        penalties.append(rc.NuclearNormPenalty(model, strength=value))
     if guard:
-        penalties.append(SpectralNormPenalty(model, strength=args.guard_strength))
+        penalties.append(rc.SpectralNormPenalty(model, strength=args.guard_strength))
     return fit(model, train, args.epochs, args.lr, args.seed, penalties)
 
 

@@ -21,7 +21,6 @@ from torch.utils.data import TensorDataset
 
 import robustcompress as rc
 from _digits_common import add_common_flags, device_of, fit, limited, scores
-from robustcompress.penalties import SpectralNormPenalty
 
 
 def split_by_label(ds: TensorDataset, labels: range) -> TensorDataset:
@@ -47,7 +46,7 @@ def main() -> None:
     dst_test = split_by_label(test, range(5, 10))
 
     def with_penalty(model: nn.Module, on: bool) -> list[nn.Module]:
-        return [SpectralNormPenalty(model, strength=args.strength)] if on else []
+        return [rc.SpectralNormPenalty(model, strength=args.strength)] if on else []
 
     def pretrain(rank: int | None, penalty: bool) -> nn.Module:
         model = rc.MLP(64, (args.width, args.width), 5).to(device)
