@@ -51,6 +51,20 @@ def positive_int(value: Any, name: str) -> int:
     return value
 
 
+def bool_arg(value: Any, name: str) -> bool:
+    """Return ``value`` if it is a bool, else raise naming ``name``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"Expected {name} to be a bool, but got {name}={value!r}")
+    return value
+
+
+def module_arg(value: Any, name: str = "model") -> torch.nn.Module:
+    """Return ``value`` if it is an ``nn.Module``, else raise naming ``name``."""
+    if not isinstance(value, torch.nn.Module):
+        raise TypeError(f"Expected {name} to be a torch.nn.Module, but got {type(value).__name__}")
+    return value
+
+
 def nonnegative_int(value: Any, name: str) -> int:
     """Return ``value`` if it is an int ≥ 0, else raise naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ._utils import batches, eval_mode
-from ._checks import domain_arg, float_tensor, fraction, nonnegative_float, norm_arg, positive_float, positive_int
+from ._checks import bool_arg, domain_arg, float_tensor, fraction, module_arg, nonnegative_float, norm_arg, positive_float, positive_int
 
 __all__ = [
     "fgsm",
@@ -64,22 +64,10 @@ _SOURCES = ("first_layer", "jacobian")
 # --------------------------------------------------------------------------- checks
 
 
-def _model_arg(model: Any) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"Expected model to be a torch.nn.Module, but got {type(model).__name__}")
-    return model
-
-
 def _loss_arg(loss: Any) -> str:
     if not isinstance(loss, str) or loss.lower() not in _LOSSES:
         raise ValueError(f"Expected loss to be one of {_LOSSES}, but got loss={loss!r}")
     return loss.lower()
-
-
-def _bool_arg(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"Expected {name} to be a bool, but got {name}={value!r}")
-    return value
 
 
 def _seed_arg(seed: Any) -> int:
@@ -150,7 +138,7 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _validated(model, x, y, domain, targeted=False):
     """Shared front of every per-batch attack: checks, then the clean logits in eval mode."""
-    model = _model_arg(model)
+    model = module_arg(model)
     lo, hi = domain_arg(domain)
     x = _x_arg(x, (lo, hi))
     with torch.no_grad():
@@ -257,8 +245,8 @@ def fgsm(
     """
     norm = norm_arg(norm)
     loss = _loss_arg(loss)
-    targeted = _bool_arg(targeted, "targeted")
-    with eval_mode(_model_arg(model)):
+    targeted = bool_arg(targeted, "targeted")
+    with eval_mode(module_arg(model)):
         model, x, y, lo, hi, _ = _validated(model, x, y, domain, targeted)
         eps_t = _eps_arg(eps, x.shape[0], x)
         xg = x.detach().clone().requires_grad_(True)
@@ -324,16 +312,16 @@ def pgd(
     norm = norm_arg(norm)
     steps = positive_int(steps, "steps")
     restarts = positive_int(restarts, "restarts")
-    random_start = _bool_arg(random_start, "random_start")
-    early_stop = _bool_arg(early_stop, "early_stop")
-    targeted = _bool_arg(targeted, "targeted")
+    random_start = bool_arg(random_start, "random_start")
+    early_stop = bool_arg(early_stop, "early_stop")
+    targeted = bool_arg(targeted, "targeted")
     loss = _loss_arg(loss)
     if restarts > 1 and not random_start:
         raise ValueError(f"Expected random_start=True with restarts={restarts} > 1 (restarts from x would all repeat)")
     if step_size is not None:
         step_size = positive_float(step_size, "step_size")
     gen = torch.Generator().manual_seed(_seed_arg(seed))
-    with eval_mode(_model_arg(model)):
+    with eval_mode(module_arg(model)):
         model, x, y, lo, hi, logits = _validated(model, x, y, domain, targeted)
         eps_t = _eps_arg(eps, x.shape[0], x)
         alpha = eps_t * 2.5 / steps if step_size is None else torch.full_like(eps_t, step_size)
@@ -422,7 +410,7 @@ def multi_targeted_pgd(
         True
     """
     norm = norm_arg(norm)
-    with eval_mode(_model_arg(model)):
+    with eval_mode(module_arg(model)):
         model, x, y, lo, hi, logits = _validated(model, x, y, domain)
         n_classes = logits.shape[1]
         n_targets = n_classes - 1 if n_targets is None else positive_int(n_targets, "n_targets")
@@ -483,7 +471,7 @@ def random_search(
     norm = norm_arg(norm)
     n_queries = positive_int(n_queries, "n_queries")
     gen = torch.Generator().manual_seed(_seed_arg(seed))
-    with eval_mode(_model_arg(model)), torch.no_grad():
+    with eval_mode(module_arg(model)), torch.no_grad():
         model, x, y, lo, hi, logits = _validated(model, x, y, domain)
         eps_t = _eps_arg(eps, x.shape[0], x)
         d = x[0].numel()
@@ -582,7 +570,7 @@ def fooling_rate(
         >>> fooling_rate(model, (x, y), torch.zeros(4))
         0.0
     """
-    model = _model_arg(model)
+    model = module_arg(model)
     delta = float_tensor(delta, "delta").detach()
     lo, hi = domain_arg(domain)
     batch_size = positive_int(batch_size, "batch_size")
@@ -649,7 +637,7 @@ def universal_perturbation(
         >>> delta.shape, float(delta.abs().max()) <= 0.1 + 1e-6
         (torch.Size([4]), True)
     """
-    model = _model_arg(model)
+    model = module_arg(model)
     norm = norm_arg(norm)
     eps = nonnegative_float(eps, "eps")
     epochs = positive_int(epochs, "epochs")
@@ -861,7 +849,7 @@ def sensitive_directions(
         >>> sensitive_directions(torch.nn.Sequential(layer), k=1)
         tensor([[1., 0., 0.]])
     """
-    model = _model_arg(model)
+    model = module_arg(model)
     k = positive_int(k, "k")
     n_iter = positive_int(n_iter, "n_iter")
     if source not in _SOURCES:
@@ -917,7 +905,7 @@ def sensitive_direction_attack(
     n_iter = positive_int(n_iter, "n_iter")
     if source not in _SOURCES:
         raise ValueError(f"Expected source to be one of {_SOURCES}, but got source={source!r}")
-    with eval_mode(_model_arg(model)):
+    with eval_mode(module_arg(model)):
         model, x, y, lo, hi, logits = _validated(model, x, y, domain)
         eps_t = _eps_arg(eps, x.shape[0], x)
         n, dim = x.shape[0], x[0].numel()
@@ -1004,5 +992,5 @@ def adversarial_batch(
 
 
 def _validated_outside_mode(model, x, y, domain):
-    with eval_mode(_model_arg(model)):
+    with eval_mode(module_arg(model)):
         return _validated(model, x, y, domain)

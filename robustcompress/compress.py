@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._utils import batches, eval_mode
-from ._checks import fraction, nonnegative_float, nonnegative_int, norm_arg, positive_float, positive_int
+from ._checks import bool_arg, fraction, module_arg, nonnegative_float, nonnegative_int, norm_arg, positive_float, positive_int
 from .layers import LowRankConv2d, LowRankLinear, to_low_rank
 from .metrics import as_matrix, rank_for_energy, row_norms, rows_for_energy
 
@@ -92,22 +92,6 @@ _TP_HINT = ("prune needs Torch-Pruning: pip install 'torch-pruning>=1.6,<1.7' "
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def _model_arg(model: Any, name: str = "model") -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"Expected {name} to be a torch.nn.Module, but got {type(model).__name__}")
-    return model
-
-
-def _bool_arg(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"Expected {name} to be a bool, but got {name}={value!r}")
-    return value
-
-
-def _seed_arg(seed: Any) -> int:
-    return nonnegative_int(seed, "seed")
 
 
 def _first_param(model: nn.Module) -> torch.Tensor | None:
@@ -183,7 +167,7 @@ def remove_masks(model: nn.Module) -> nn.Module:
         >>> int((remove_masks(masked)[0].weight == 0).all(1).sum())
         2
     """
-    model = _model_arg(model)
+    model = module_arg(model)
     for module in model.modules():
         for key, hook in _mask_hooks(module):
             hook.zero_(module)
@@ -528,12 +512,12 @@ def prune(
         >>> [m.out_features for m in small if isinstance(m, nn.Linear)]
         [12, 12, 3]
     """
-    model = _model_arg(model)
+    model = module_arg(model)
     amount = _amount_arg(amount)
     score_fn = _importance_arg(importance)
-    mask_only = _bool_arg(mask_only, "mask_only")
-    inplace = _bool_arg(inplace, "inplace")
-    fold_bn = _bool_arg(fold_bn, "fold_bn")
+    mask_only = bool_arg(mask_only, "mask_only")
+    inplace = bool_arg(inplace, "inplace")
+    fold_bn = bool_arg(fold_bn, "fold_bn")
     if layers is not None:
         if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
             raise TypeError(f"Expected layers to be a sequence of layer names, but got layers={layers!r}")
@@ -599,7 +583,7 @@ def amounts_for_energy(model: nn.Module, energy: float = 0.99, layers: Sequence[
         >>> amounts_for_energy(m, 0.999)      # rows 10 and 1 hold 99.9 %
         {'0': 0.3333333333333333}
     """
-    model = _model_arg(model)
+    model = module_arg(model)
     named = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE_LAYERS)}
     if layers is None:
         layers = list(named)[:-1]
@@ -693,7 +677,7 @@ def ranks_for_budget(model: nn.Module, budget: float, layers: Sequence[str] | No
         >>> ranks_for_budget(model, 0.5)['0'] < 64
         True
     """
-    model = _model_arg(model)
+    model = module_arg(model)
     budget = fraction(budget, "budget", closed_right=True)
     if budget == 0:
         raise ValueError("Expected budget to lie in (0, 1], but got budget=0")
@@ -780,9 +764,9 @@ def truncate(
         >>> truncate(model, rank=2)[0].rank
         2
     """
-    model = _model_arg(model)
-    inplace = _bool_arg(inplace, "inplace")
-    exclude_head = _bool_arg(exclude_head, "exclude_head")
+    model = module_arg(model)
+    inplace = bool_arg(inplace, "inplace")
+    exclude_head = bool_arg(exclude_head, "exclude_head")
     given = [k for k, v in (("energy", energy), ("rank", rank), ("budget", budget)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"Expected exactly one of energy, rank or budget, but got {given or 'none'}")
@@ -829,7 +813,7 @@ def count_parameters(model: nn.Module) -> int:
         >>> count_parameters(nn.Linear(4, 3))
         15
     """
-    model = _model_arg(model)
+    model = module_arg(model)
     masked = {}
     for module in model.modules():
         for _, hook in _mask_hooks(module):
@@ -858,7 +842,7 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
         >>> count_macs(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), torch.zeros(1, 4))
         18
     """
-    model = _model_arg(model)
+    model = module_arg(model)
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 1 or example_input.shape[0] < 1:
         raise ValueError("Expected example_input to be a non-empty batch tensor (N, ...)")
     total = [0]
@@ -955,12 +939,12 @@ def finetune(
         >>> finetune(model, data, epochs=1) is model
         True
     """
-    model = _model_arg(model)
+    model = module_arg(model)
     epochs = nonnegative_int(epochs, "epochs")
     lr = positive_float(lr, "lr")
     batch_size = positive_int(batch_size, "batch_size")
     weight_decay = nonnegative_float(weight_decay, "weight_decay")
-    seed = _seed_arg(seed)
+    seed = nonnegative_int(seed, "seed")
     terms = _penalties_arg(penalties, model)
     if adversarial is not None and not isinstance(adversarial, Mapping):
         raise TypeError(f"Expected adversarial to be None or a mapping of adversarial_batch arguments, "
@@ -1048,10 +1032,10 @@ def measure(
     from .attacks import universal_perturbation
     from .evaluate import accuracy, robust_accuracy
 
-    model = _model_arg(model)
+    model = module_arg(model)
     pgd_steps = positive_int(pgd_steps, "pgd_steps")
     batch_size = positive_int(batch_size, "batch_size")
-    seed = _seed_arg(seed)
+    seed = nonnegative_int(seed, "seed")
     budgets = {}
     for key, eps in (("robust_acc_linf", eps_linf), ("robust_acc_l2", eps_l2)):
         if eps is not None:
@@ -1140,7 +1124,7 @@ def compression_curve(
         >>> [r["params"] for r in rows]
         [67, 35]
     """
-    model = _model_arg(model)
+    model = module_arg(model)
     if method not in ("prune", "truncate"):
         raise ValueError(f"Expected method to be 'prune' or 'truncate', but got method={method!r}")
     levels = _levels_arg(levels, method)
@@ -1262,7 +1246,7 @@ def export(model: nn.Module, path: str | os.PathLike, info: Mapping[str, Any] | 
         >>> load_exported(path, nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))[0].out_features
         4
     """
-    model = _model_arg(model)
+    model = module_arg(model)
     if info is not None and not isinstance(info, Mapping):
         raise TypeError(f"Expected info to be None or a mapping, but got {type(info).__name__}")
     for module in model.modules():

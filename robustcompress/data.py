@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ._checks import positive_float, positive_int
+from ._checks import nonnegative_int, positive_float, positive_int
 
 __all__ = [
     "digits",
@@ -43,12 +43,6 @@ def _open_fraction(value: Any, name: str) -> float:
     return float(value)
 
 
-def _seed_arg(seed: Any, name: str = "seed") -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"Expected {name} to be a non-negative integer, but got {name}={seed!r}")
-    return seed
-
-
 def digits(
     test_fraction: float = 0.2, seed: int = 0, image: bool = False
 ) -> tuple[TensorDataset, TensorDataset]:
@@ -72,7 +66,7 @@ def digits(
         (torch.Size([1437, 64]), torch.Size([360, 64]))
     """
     test_fraction = _open_fraction(test_fraction, "test_fraction")
-    seed = _seed_arg(seed)
+    seed = nonnegative_int(seed, "seed")
     if not isinstance(image, bool):
         raise TypeError(f"Expected image to be a bool, but got image={image!r}")
     try:
@@ -128,7 +122,7 @@ def gaussian_mixture(
     dim = positive_int(dim, "dim")
     classes = positive_int(classes, "classes")
     separation = positive_float(separation, "separation")
-    seed = _seed_arg(seed)
+    seed = nonnegative_int(seed, "seed")
     if classes < 2:
         raise ValueError(f"Expected classes to be at least 2, but got classes={classes}")
     if dim < classes:
@@ -183,7 +177,7 @@ def linearly_separable(
     n = positive_int(n, "n")
     dim = positive_int(dim, "dim")
     margin = positive_float(margin, "margin")
-    seed = _seed_arg(seed)
+    seed = nonnegative_int(seed, "seed")
 
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(dim, generator=g, dtype=torch.float64)
@@ -348,7 +342,7 @@ def write_fake_cifar10(root: str | os.PathLike, n_per_batch: int = 20, seed: int
     if not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"Expected root to be a str or os.PathLike, but got root={root!r}")
     n_per_batch = positive_int(n_per_batch, "n_per_batch")
-    seed = _seed_arg(seed)
+    seed = nonnegative_int(seed, "seed")
     folder = pathlib.Path(root) / _CIFAR_DIR
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -417,7 +411,7 @@ def loader(
     if len(dataset) == 0:
         raise ValueError("Expected dataset to be non-empty, but got len(dataset)=0")
     batch_size = positive_int(batch_size, "batch_size")
-    seed = _seed_arg(seed)
+    seed = nonnegative_int(seed, "seed")
     for flag, name in ((shuffle, "shuffle"), (drop_last, "drop_last")):
         if not isinstance(flag, bool):
             raise TypeError(f"Expected {name} to be a bool, but got {name}={flag!r}")

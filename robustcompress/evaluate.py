@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from . import attacks as _atk
-from ._checks import domain_arg, fraction, nonnegative_float, norm_arg, positive_float, positive_int
+from ._checks import domain_arg, fraction, module_arg, nonnegative_float, norm_arg, positive_float, positive_int
 from ._utils import batches, eval_mode
-from .attacks import _model_arg, _model_device, _num_batches, _x_arg, _y_arg
+from .attacks import _model_device, _num_batches, _x_arg, _y_arg
 
 __all__ = [
     "accuracy",
@@ -120,7 +120,7 @@ def accuracy(model: nn.Module, data: Any, batch_size: int = 256) -> float:
         >>> accuracy(model, (torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])))
         0.5
     """
-    model = _model_arg(model)
+    model = module_arg(model)
     batch_size = positive_int(batch_size, "batch_size")
     correct = total = 0
     with eval_mode(model), torch.no_grad():
@@ -172,7 +172,7 @@ def robust_accuracy(
         >>> robust_accuracy(model, (x, y), "pgd", eps=0.0) == accuracy(model, (x, y))
         True
     """
-    model = _model_arg(model)
+    model = module_arg(model)
     eps = nonnegative_float(eps, "eps")
     norm = norm_arg(norm)
     batch_size = positive_int(batch_size, "batch_size")
@@ -301,7 +301,7 @@ def minimal_eps(
         >>> round(float(minimal_eps(model, x, y, norm=float("inf"), attack="pgd-mt", tol=1e-4)[0]), 3)
         0.2
     """
-    model = _model_arg(model)
+    model = module_arg(model)
     norm = norm_arg(norm)
     domain = domain_arg(domain)
     lo = nonnegative_float(lo, "lo")
@@ -481,7 +481,7 @@ def autoattack_accuracy(
         import torchattacks  # noqa: F401
     except ImportError as err:
         raise ImportError(_TORCHATTACKS_HINT) from err
-    model = _model_arg(model)
+    model = module_arg(model)
     eps = nonnegative_float(eps, "eps")
     norm = norm_arg(norm)
     lo, hi = domain_arg(domain)

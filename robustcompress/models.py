@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._checks import positive_int
+from ._checks import bool_arg, positive_int
 
 __all__ = ["ACTIVATIONS", "MLP", "SmallCNN", "ResNet", "BasicBlock", "VGG", "resnet18", "vgg11", "vgg16"]
 
@@ -33,12 +33,6 @@ def _activation(name: object) -> nn.Module:
         allowed = ", ".join(repr(k) for k in ACTIVATIONS)
         raise ValueError(f"Expected activation to be one of {allowed}, but got activation={name!r}")
     return ACTIVATIONS[name.strip().lower()]()
-
-
-def _bool_arg(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"Expected {name} to be a bool, but got {name}={value!r}")
-    return value
 
 
 class MLP(nn.Sequential):
@@ -80,7 +74,7 @@ class MLP(nn.Sequential):
             )
         widths = tuple(positive_int(w, f"widths[{i}]") for i, w in enumerate(widths))
         _activation(activation)  # validate before building anything
-        bias = _bool_arg(bias, "bias")
+        bias = bool_arg(bias, "bias")
 
         layers: list[nn.Module] = [nn.Flatten()]
         fan_in = in_features
@@ -128,7 +122,7 @@ class SmallCNN(nn.Module):
         in_channels = positive_int(in_channels, "in_channels")
         num_classes = positive_int(num_classes, "num_classes")
         width = positive_int(width, "width")
-        batch_norm = _bool_arg(batch_norm, "batch_norm")
+        batch_norm = bool_arg(batch_norm, "batch_norm")
         input_size = positive_int(input_size, "input_size")
         if input_size % 4:
             raise ValueError(
@@ -277,7 +271,7 @@ class VGG(nn.Module):
 def _vgg(name: str, num_classes: int, in_channels: int, batch_norm: bool) -> VGG:
     num_classes = positive_int(num_classes, "num_classes")
     in_channels = positive_int(in_channels, "in_channels")
-    batch_norm = _bool_arg(batch_norm, "batch_norm")
+    batch_norm = bool_arg(batch_norm, "batch_norm")
     return VGG(_VGG_CFG[name], num_classes=num_classes, in_channels=in_channels, batch_norm=batch_norm)
 
 
