@@ -39,7 +39,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -52,7 +52,7 @@ from .layers import LowRankConv2d, LowRankLinear
 from .penalties import Penalty, PenaltySum, StateTerm, flatten_penalties, unwrap_model
 from .spectral import MatrixView, SpectralState
 
-__all__ = ["wrap", "PenalizedOptimizer", "Projection", "SpectralNormClip", "RowL1Cap", "broadcast_state"]
+__all__ = ["wrap", "attach", "PenaltyHooks", "PenalizedOptimizer", "describe_term", "Projection", "SpectralNormClip", "RowL1Cap", "broadcast_state"]
 
 
 # ====================================================================== projections
@@ -68,11 +68,16 @@ class Projection(StateTerm):
         active, _ = self._tick()
         if not active:
             return
-        if self._owns_state:
-            self._state.step()
+        if self.owns_state:
+            self.state.step()
         with torch.no_grad():
             for name in self.names:
-                self.project_(name)
+                if self.projected_weight(name).requires_grad:  # frozen layers are never moved
+                    self.project_(name)
+
+    def projected_weight(self, name: str) -> torch.Tensor:
+        """The parameter :meth:`project_` changes for layer ``name`` (its ``weight`` by default)."""
+        return self.state.module(name).weight
 
     def project_(self, name: str) -> None:
         raise NotImplementedError
@@ -147,11 +152,14 @@ class RowL1Cap(Projection):
         super().__init__(state_or_model, **kwargs)
         self.max_l1 = positive_float(max_l1, "max_l1")
 
+    def projected_weight(self, name):
+        mod = self.state.module(name)
+        return mod.weight_b if isinstance(mod, (LowRankLinear, LowRankConv2d)) else mod.weight
+
     def project_(self, name):
         r = self._rows(name).abs().sum(1)
         factor = torch.clamp(self.max_l1 / r.clamp_min(torch.finfo(r.dtype).tiny), max=1.0)
-        mod = self._state.module(name)
-        w = mod.weight_b if isinstance(mod, (LowRankLinear, LowRankConv2d)) else mod.weight
+        w = self.projected_weight(name)
         w.mul_(factor.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1))))
 
 
@@ -170,7 +178,12 @@ def broadcast_state(state: SpectralState, src: int = 0, group: Any = None) -> No
         dist.broadcast(buf, src=src, group=group)
 
 
-# ====================================================================== the wrapper
+# ====================================================================== the engine
+# Optimizers that already carry penalties (through wrap() or attach()): a second
+# set would add every penalty gradient twice.
+_CARRIERS: "weakref.WeakKeyDictionary[Optimizer, PenaltyHooks]" = weakref.WeakKeyDictionary()
+
+
 def _module_state_compatible(module: nn.Module, sd: Any, what: str) -> None:
     """Check keys and shapes before loading, so a bad checkpoint changes nothing."""
     if not isinstance(sd, dict):
@@ -185,21 +198,71 @@ def _module_state_compatible(module: nn.Module, sd: Any, what: str) -> None:
                              f"expected {tuple(val.shape)}")
 
 
-class PenalizedOptimizer(Optimizer):
-    """A ``torch.optim.Optimizer`` that adds penalty gradients and projections to another one.
+_CONFIG_FIELDS = ("every", "proximal", "mode", "target", "k", "temperature", "method", "bound")
 
-    ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's
-    own objects (as in Lookahead-style wrappers), so schedulers and
-    ``GradScaler`` see one optimizer. Build it with :func:`wrap`.
+
+def describe_term(term: StateTerm) -> dict[str, Any]:
+    """What a checkpoint records of a penalty or projection to check that it loads into the same kind of term.
+
+    ``{"type": class name, "layers": selected layer names, ...}`` plus the
+    configuration fields the term has among ``every``, ``proximal``, ``mode``,
+    ``target``, ``k``, ``temperature``, ``method``, ``bound`` (plain Python values).
+
+    Example:
+        >>> from robustcompress.penalties import SpectralNormPenalty
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> d = describe_term(SpectralNormPenalty(model, 1e-3))
+        >>> d["type"], d["layers"], d["mode"]
+        ('SpectralNormPenalty', ['0'], 'square')
+    """
+    if not isinstance(term, StateTerm):
+        raise TypeError(f"Expected a penalty or projection, but got {type(term).__name__}")
+    out: dict[str, Any] = {"type": type(term).__qualname__, "layers": list(term.names)}
+    for field in _CONFIG_FIELDS:
+        val = getattr(term, field, None)
+        if isinstance(val, (bool, int, float, str)):
+            out[field] = val
+    return out
+
+
+class PenaltyHooks:
+    """Penalty gradients, proximal steps and projections applied around an optimizer's ``step()``.
+
+    The engine behind :func:`wrap`, :func:`attach` and the Lightning and Hugging
+    Face callbacks. Per real step (one ``step()`` that the optimizer runs):
+
+    1. :meth:`begin_step`: the shared state is stepped once, every term's counter advances;
+    2. :meth:`add_gradients`: ``θ.grad += ∇_θ Σ strength·term`` on trainable parameters
+       (after the task gradient is final, i.e. after any clipping: penalty
+       gradients are never clipped);
+    3. the optimizer updates the parameters;
+    4. :meth:`finish_step`: proximal thresholds with each parameter's learning rate, then projections.
+
+    Frozen parameters (``requires_grad=False``) are never given a gradient and
+    never changed by a proximal step or a projection.
+
+    Args:
+        model: the model the terms were built for (DDP / ``torch.compile`` wrappers accepted).
+        penalties: penalties (or sums of them).
+        projections: post-step :class:`Projection` objects.
+        state: the shared ``SpectralState`` (found from the penalties when omitted).
+        sync_state: broadcast the state's buffers from rank 0 after each state
+            step under torch.distributed (None: on CUDA only).
+
+    Example:
+        >>> from robustcompress.penalties import default_penalties
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> hooks = PenaltyHooks(model, default_penalties(model)).attach(opt)
+        >>> model(torch.randn(4, 8)).sum().backward()
+        >>> opt.step()
+        >>> hooks.steps
+        1
+        >>> hooks.detach()
     """
 
-    def __init__(self, optimizer: Optimizer, model: nn.Module, penalties: Sequence[Any] = (),
-                 projections: Sequence[Projection] = (), state: SpectralState | None = None,
-                 sync_state: bool | None = None) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"Expected optimizer to be a torch.optim.Optimizer, but got {type(optimizer).__name__}")
-        if isinstance(optimizer, PenalizedOptimizer):
-            raise ValueError("optimizer is already wrapped; pass every penalty to one wrap() call")
+    def __init__(self, model: nn.Module, penalties: Sequence[Any] = (), projections: Sequence[Projection] = (),
+                 state: SpectralState | None = None, sync_state: bool | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected model to be an nn.Module, but got {type(model).__name__}")
         if isinstance(penalties, (Penalty, PenaltySum)):
@@ -227,131 +290,115 @@ class PenalizedOptimizer(Optimizer):
         if state is not None and self._shared_state is not state:
             raise ValueError("state= differs from the state the penalties read")
         if self._shared_state is not None and self._shared_state.model is not base:
-            raise ValueError("The SpectralState was built for a different model than the one given to wrap(); "
+            raise ValueError("The SpectralState was built for a different model than the one given; "
                              "build it from this model")
         for t in terms + projs:
             t.check_model(base)
-        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        for t in terms:
-            outside = [n for n in t.names if any(p.requires_grad and id(p) not in in_opt
-                                                 for p in t.state.module(n).parameters(recurse=False))]
-            if outside:
-                raise ValueError(f"{type(t).__name__} acts on layers {outside} whose parameters the optimizer does "
-                                 "not update; add them to the optimizer or leave them out with layers=...")
-
-        # param_groups, state and defaults are properties reading the wrapped
-        # optimizer, so schedulers and GradScaler see the live objects, also after
-        # load_state_dict() (which replaces them on the inner optimizer).
-        self.optimizer = optimizer
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
         self.model = base
         self.penalties = terms
         self.projections = projs
         self.sync_state = sync_state
         self.steps = 0
         self.last_penalty: torch.Tensor | None = None
-
-    # -------------------------------------------------------------- Optimizer interface
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self) -> dict:
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: dict) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
+        self.optimizer: Optimizer | None = None
+        self._handles: list[Any] = []
+        self._active: list[tuple[Penalty, float]] | None = None
 
     @property
     def spectral_state(self) -> SpectralState | None:
-        """The shared state this wrapper steps once per real step (None if every term owns its own)."""
+        """The shared state stepped once per real step (None if every term owns its own)."""
         return self._shared_state
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+    # -------------------------------------------------------------- optimizer
+    def check_optimizer(self, optimizer: Optimizer) -> None:
+        """Raise ValueError if a term acts on trainable parameters the optimizer does not update."""
+        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for t in self.penalties:
+            outside = [n for n in t.names if any(p.requires_grad and id(p) not in in_opt
+                                                 for p in t.state.module(n).parameters(recurse=False))]
+            if outside:
+                raise ValueError(f"{type(t).__name__} acts on layers {outside} whose parameters the optimizer does "
+                                 "not update; add them to the optimizer or leave them out with layers=...")
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
+    def attach(self, optimizer: Optimizer) -> "PenaltyHooks":
+        """Register on ``optimizer`` a step pre-hook (penalty gradients) and post-hook (prox, projections).
 
-    def __repr__(self) -> str:
-        return (f"PenalizedOptimizer({self.optimizer!r}, penalties={[type(p).__name__ for p in self.penalties]}, "
-                f"projections={[type(p).__name__ for p in self.projections]})")
-
-    def _sync(self, state: SpectralState) -> None:
-        do = self.sync_state
-        if do is None:
-            do = state.steps.device.type == "cuda"
-        if do:
-            broadcast_state(state)
-
-    def _param_lr(self) -> dict[int, float]:
-        return {id(p): float(g["lr"]) for g in self.param_groups for p in g["params"]}
-
-    @torch.no_grad()
-    def _add_grads(self, total: torch.Tensor, params: list[nn.Parameter]) -> None:
-        with torch.enable_grad():
-            grads = torch.autograd.grad(total, params, allow_unused=True)
-        for p, g in zip(params, grads):
-            if g is None:
-                continue
-            g = g.to(p.dtype)
-            if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad.add_(g)
-
-    @torch.no_grad()
-    def _add_rank_one(self, updates: list) -> None:
-        for p, u, v, alpha in updates:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            # alpha stays a device tensor folded into u: no host synchronisation.
-            u = u * alpha
-            if p.grad.is_contiguous():
-                g = p.grad.view(p.shape[0], -1)
-                g.addr_(u.to(g.dtype), v.to(g.dtype))
-            else:
-                p.grad.add_(torch.outer(u, v).reshape(p.shape).to(p.grad.dtype))
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Add penalty gradients, step the wrapped optimizer, then prox and project.
-
-        Args:
-            closure: re-evaluates the task loss and calls ``backward()`` (as for any
-                optimizer). The wrapped optimizer calls it (LBFGS several times); the
-                penalty gradients are added after every evaluation, with the state
-                stepped and the term counters advanced once per real step.
+        ``step()`` without a closure gets the penalty gradients before its update;
+        ``step(closure)`` gets a closure that adds them after every evaluation
+        (Lightning runs backward and gradient clipping inside that closure), so
+        either way they come after clipping. When ``step`` receives a
+        ``grad_scale`` (a fused optimizer under ``GradScaler``, which unscales
+        inside ``step``), the penalty gradients are multiplied by it first.
 
         Returns:
-            The closure's loss plus the penalty, if a closure was given.
+            ``self``, for chaining.
+
+        Raises:
+            ValueError: the optimizer already carries penalties (through :func:`wrap`
+                or another ``attach``), or misses parameters the terms act on.
+        """
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"Expected optimizer to be a torch.optim.Optimizer, but got {type(optimizer).__name__}")
+        if self.optimizer is not None:
+            raise ValueError("These PenaltyHooks are already attached to an optimizer; detach() them first")
+        own_wrapper = isinstance(optimizer, PenalizedOptimizer) and optimizer.__dict__.get("_hooks") is self
+        if (isinstance(optimizer, PenalizedOptimizer) and not own_wrapper) or optimizer in _CARRIERS:
+            raise ValueError("This optimizer already adds penalties (it was built by wrap(), or penalties were "
+                             "attached to it); use either wrap() or one callback/attach(), never both")
+        self.check_optimizer(optimizer)
+        self._handles = [optimizer.register_step_pre_hook(self._pre_hook),
+                         optimizer.register_step_post_hook(self._post_hook)]
+        self.optimizer = optimizer
+        _CARRIERS[optimizer] = self
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks from the optimizer (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self.optimizer is not None:
+            _CARRIERS.pop(self.optimizer, None)
+        self.optimizer = None
+
+    def _pre_hook(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        self._active = self.begin_step()
+        scale = kwargs.get("grad_scale")
+        # torch passes the bound method's arguments: args[0] is the optimizer itself.
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")
+        if closure is None:
+            self.add_gradients(self._active, scale)
+            return None
+        active = self._active
+
+        def closure_with_penalties():
+            with torch.enable_grad():
+                value = closure()
+            self.add_gradients(active, scale)
+            # The loss the optimizer sees matches the gradient it gets (LBFGS line search).
+            if isinstance(value, torch.Tensor) and self.last_penalty is not None:
+                value = value + self.last_penalty.to(value.device, value.dtype)
+            return value
+
+        if len(args) > 1:
+            return (args[0], closure_with_penalties, *args[2:]), kwargs
+        return args, {**kwargs, "closure": closure_with_penalties}
+
+    def _post_hook(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
+        self.finish_step()
+
+    # -------------------------------------------------------------- one step
+    def begin_step(self) -> list[tuple[Penalty, float]]:
+        """Step the shared state and advance every gradient term's counter; return the active ``(term, strength)``.
+
+        A term that fails here rolls every counter back (through the terms'
+        public ``get_extra_state`` / ``set_extra_state``, which hold the counter).
         """
         gradient_terms = [p for p in self.penalties if not p.proximal]
         if self._shared_state is not None:
             self._shared_state.step()
             self._sync(self._shared_state)
-        # Each term's counter advances once per real step, also when a closure
-        # is evaluated several times (LBFGS); a failing term rolls them all back.
-        calls = {id(t): t._calls for t in gradient_terms}
+        saved = [t.get_extra_state() for t in gradient_terms]
         try:
             active = []
             for term in gradient_terms:
@@ -359,37 +406,24 @@ class PenalizedOptimizer(Optimizer):
                 if strength is not None:
                     active.append((term, strength))
         except Exception:
-            for t in gradient_terms:
-                t._calls = calls[id(t)]
+            for t, extra in zip(gradient_terms, saved):
+                t.set_extra_state(extra)
             raise
-        if closure is None:
-            self._add_penalty_grads(active)
-            self.optimizer.step()
-            loss = None
-        else:
-            def closure_with_penalties():
-                with torch.enable_grad():
-                    value = closure()
-                self._add_penalty_grads(active)
-                # The loss the optimizer sees matches the gradient it gets (LBFGS line search).
-                if isinstance(value, torch.Tensor) and self.last_penalty is not None:
-                    value = value + self.last_penalty.to(value.device, value.dtype)
-                return value
+        return active
 
-            loss = self.optimizer.step(closure_with_penalties)
-        self._post_step()
-        self.steps += 1
-        return loss
-
-    def _add_penalty_grads(self, active: list[tuple[Penalty, float]]) -> None:
-        """``θ.grad += ∇_θ Σ strength·term`` for the active gradient terms.
+    def add_gradients(self, active: list[tuple[Penalty, float]], scale: torch.Tensor | float | None = None) -> None:
+        """``θ.grad += scale · ∇_θ Σ strength·term`` for the active terms, on trainable parameters only.
 
         Every term is evaluated before any gradient is touched: a failing term
         (NaN weights, say) leaves the gradients as they were.
+
+        Args:
+            active: what :meth:`begin_step` returned.
+            scale: a loss scale the gradients carry at this point (None: 1).
         """
         total, logged, updates = None, [], []
         if active:
-            params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+            params = self._trainable()
             dev = params[0].device if params else torch.device("cpu")
             with torch.enable_grad(), torch.autocast(device_type=dev.type, enabled=False):
                 for term, strength in active:
@@ -404,41 +438,316 @@ class PenalizedOptimizer(Optimizer):
                         total = value if total is None else total + value.to(total.device)
                     term.last_value = value.detach()
                     logged.append(term.last_value)
-            if total is not None and total.requires_grad:
-                self._add_grads(total, params)
-            self._add_rank_one(updates)
+            if total is not None and total.requires_grad and params:
+                self._add_grads(total, params, scale)
+            self._add_rank_one([u for u in updates if u[0].requires_grad], scale)
         self.last_penalty = torch.stack([v.float().to(logged[0].device) for v in logged]).sum() if logged else None
 
     @torch.no_grad()
-    def _post_step(self) -> None:
+    def finish_step(self) -> None:
+        """Proximal thresholds (each parameter's learning rate), then projections; counts the step."""
         proximal = [p for p in self.penalties if p.proximal]
         if proximal:
             lrs = self._param_lr()
             for term in proximal:
-                active, step = term._tick()
-                if not active:
+                s = term.begin_step()
+                if s is None:
                     continue
-                s = term.strength_at(step)
                 for name in term.names:
                     w = term.state.module(name).weight
                     lr = lrs.get(id(w))
-                    if lr is None or s == 0:
+                    if lr is None or not w.requires_grad:
                         continue
                     term.prox_(name, lr * s * term.layer_weights[name])
                 term.last_value = (s * term.value_now()).detach()
         for proj in self.projections:
             proj.apply()
+        self.steps += 1
+
+    # -------------------------------------------------------------- helpers
+    def _trainable(self) -> list[nn.Parameter]:
+        if self.optimizer is not None:
+            groups = self.optimizer.param_groups
+            return [p for g in groups for p in g["params"] if p.requires_grad]
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _param_lr(self) -> dict[int, float]:
+        if self.optimizer is None:
+            return {}
+        return {id(p): float(g["lr"]) for g in self.optimizer.param_groups for p in g["params"]}
+
+    def _sync(self, state: SpectralState) -> None:
+        do = self.sync_state
+        if do is None:
+            do = state.steps.device.type == "cuda"
+        if do:
+            broadcast_state(state)
+
+    @torch.no_grad()
+    def _add_grads(self, total: torch.Tensor, params: list[nn.Parameter], scale: Any) -> None:
+        with torch.enable_grad():
+            grads = torch.autograd.grad(total, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            g = g.to(p.dtype)
+            if scale is not None:
+                g = g * scale
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.add_(g)
+
+    @torch.no_grad()
+    def _add_rank_one(self, updates: list, scale: Any) -> None:
+        for p, u, v, alpha in updates:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            # alpha stays a device tensor folded into u: no host synchronisation.
+            u = u * alpha
+            if scale is not None:
+                u = u * scale
+            if p.grad.is_contiguous():
+                g = p.grad.view(p.shape[0], -1)
+                g.addr_(u.to(g.dtype), v.to(g.dtype))
+            else:
+                p.grad.add_(torch.outer(u, v).reshape(p.shape).to(p.grad.dtype))
 
     # -------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state dict, the shared state (warm vectors) and every term's state."""
+        """The shared state (warm vectors), every term's state and description, and the step count."""
         return {
-            "optimizer": self.optimizer.state_dict(),
             "spectral_state": None if self._shared_state is None else self._shared_state.state_dict(),
             "penalties": [p.state_dict() for p in self.penalties],
             "projections": [p.state_dict() for p in self.projections],
+            "terms": [describe_term(t) for t in self.penalties + self.projections],
             "steps": self.steps,
         }
+
+    def check_state_dict(self, state_dict: Any) -> None:
+        """Raise ValueError, changing nothing, unless :meth:`load_state_dict` can load ``state_dict``."""
+        keys = {"spectral_state", "penalties", "projections", "steps"}
+        if not isinstance(state_dict, dict) or not keys <= set(state_dict):
+            raise ValueError(f"Expected a penalty state saved by state_dict() (keys {sorted(keys | {'terms'})}), "
+                             f"but got {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}")
+        if (state_dict["spectral_state"] is None) != (self._shared_state is None):
+            raise ValueError("The checkpoint and these penalties disagree on whether a shared SpectralState exists")
+        if len(state_dict["penalties"]) != len(self.penalties) or len(state_dict["projections"]) != len(self.projections):
+            raise ValueError(f"The checkpoint holds {len(state_dict['penalties'])} penalties and "
+                             f"{len(state_dict['projections'])} projections; these have {len(self.penalties)} "
+                             f"and {len(self.projections)}")
+        terms = self.penalties + self.projections
+        if "terms" in state_dict:
+            for i, (t, saved) in enumerate(zip(terms, state_dict["terms"])):
+                own = describe_term(t)
+                if own != saved:
+                    diff = sorted(k for k in set(own) | set(saved) if own.get(k) != saved.get(k))
+                    raise ValueError(f"The checkpoint's term {i} is {saved.get('type')} {saved}; this one is "
+                                     f"{own['type']} {own} (they differ in {diff})")
+        if self._shared_state is not None:
+            _module_state_compatible(self._shared_state, state_dict["spectral_state"], "the shared SpectralState")
+        for i, (t, sd) in enumerate(zip(terms, state_dict["penalties"] + state_dict["projections"])):
+            _module_state_compatible(t, sd, f"term {i} ({type(t).__name__})")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` saved; everything is checked before anything is loaded.
+
+        A state saved before term descriptions were recorded (no ``terms`` key)
+        loads with a warning that the penalty types could not be checked.
+        """
+        self.check_state_dict(state_dict)
+        if "terms" not in state_dict:
+            warnings.warn("The checkpoint records no penalty types (saved by an older version): the terms were "
+                          "matched by position and state shape only", UserWarning, stacklevel=2)
+        if self._shared_state is not None:
+            self._shared_state.load_state_dict(state_dict["spectral_state"])
+        for t, sd in zip(self.penalties + self.projections, state_dict["penalties"] + state_dict["projections"]):
+            t.load_state_dict(sd)
+        self.steps = int(state_dict["steps"])
+
+
+def attach(optimizer: Optimizer, model: nn.Module, penalties: Sequence[Any] = (),
+           projections: Sequence[Projection] = (), state: SpectralState | None = None,
+           sync_state: bool | None = None) -> PenaltyHooks:
+    """Add penalties to an optimizer in place, through its public step hooks.
+
+    The alternative to :func:`wrap` when the optimizer object must stay the same
+    (a training framework holds it). ``step()`` then does what the wrapper's
+    does; ``hooks.detach()`` undoes it. Save ``hooks.state_dict()`` beside the
+    optimizer's.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
+        model, penalties, projections, state, sync_state: as for :func:`wrap`.
+
+    Returns:
+        The attached :class:`PenaltyHooks`.
+
+    Example:
+        >>> from robustcompress.penalties import default_penalties
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> hooks = attach(opt, model, default_penalties(model))
+        >>> model(torch.randn(4, 8)).sum().backward()
+        >>> opt.step()
+        >>> hooks.steps
+        1
+    """
+    return PenaltyHooks(model, penalties, projections, state, sync_state).attach(optimizer)
+
+
+# ====================================================================== the wrapper
+class PenalizedOptimizer(Optimizer):
+    """A ``torch.optim.Optimizer`` that adds penalty gradients and projections to another one.
+
+    ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's
+    own objects (as in Lookahead-style wrappers), so schedulers and
+    ``GradScaler`` see one optimizer. The penalties run in this optimizer's
+    step hooks (:class:`PenaltyHooks`). Build it with :func:`wrap`.
+    """
+
+    def __init__(self, optimizer: Optimizer, model: nn.Module, penalties: Sequence[Any] = (),
+                 projections: Sequence[Projection] = (), state: SpectralState | None = None,
+                 sync_state: bool | None = None) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"Expected optimizer to be a torch.optim.Optimizer, but got {type(optimizer).__name__}")
+        if isinstance(optimizer, PenalizedOptimizer):
+            raise ValueError("optimizer is already wrapped; pass every penalty to one wrap() call")
+        if optimizer in _CARRIERS:
+            raise ValueError("Penalties are already attached to this optimizer (a Lightning or Hugging Face "
+                             "callback, or attach()); use either wrap() or the callback, never both")
+        hooks = PenaltyHooks(model, penalties, projections, state, sync_state)
+        hooks.check_optimizer(optimizer)
+        # Optimizer.__init__ is run for its public set-up (hook registries, the
+        # step-hook patch). The state, param_groups and defaults it builds land in
+        # throw-away slots (see the properties: they forward only once
+        # self.optimizer is set), so the wrapped optimizer's objects stay untouched.
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        Optimizer.__init__(self, params or [torch.zeros(0)], dict(optimizer.defaults))
+        for slot in ("_init_state", "_init_param_groups", "_init_defaults"):
+            self.__dict__.pop(slot, None)
+        self.optimizer = optimizer
+        self._hooks = hooks
+        hooks.attach(self)
+        _CARRIERS[optimizer] = hooks
+
+    # -------------------------------------------------------------- Optimizer interface
+    def _inner(self) -> Optimizer | None:
+        return self.__dict__.get("optimizer")
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        inner = self._inner()
+        return self.__dict__["_init_param_groups"] if inner is None else inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        inner = self._inner()
+        if inner is None:
+            self.__dict__["_init_param_groups"] = value
+        else:
+            inner.param_groups = value
+
+    @property
+    def state(self) -> dict:
+        inner = self._inner()
+        return self.__dict__["_init_state"] if inner is None else inner.state
+
+    @state.setter
+    def state(self, value: dict) -> None:
+        inner = self._inner()
+        if inner is None:
+            self.__dict__["_init_state"] = value
+        else:
+            inner.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        inner = self._inner()
+        return self.__dict__["_init_defaults"] if inner is None else inner.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        inner = self._inner()
+        if inner is None:
+            self.__dict__["_init_defaults"] = value
+        else:
+            inner.defaults = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        inner = self._inner()
+        if inner is None:
+            super().add_param_group(param_group)
+        else:
+            inner.add_param_group(param_group)
+
+    @property
+    def hooks(self) -> PenaltyHooks:
+        """The :class:`PenaltyHooks` this wrapper runs in its step hooks."""
+        return self._hooks
+
+    @property
+    def model(self) -> nn.Module:
+        return self._hooks.model
+
+    @property
+    def penalties(self) -> list[Penalty]:
+        return self._hooks.penalties
+
+    @property
+    def projections(self) -> list[Projection]:
+        return self._hooks.projections
+
+    @property
+    def spectral_state(self) -> SpectralState | None:
+        """The shared state this wrapper steps once per real step (None if every term owns its own)."""
+        return self._hooks.spectral_state
+
+    @property
+    def sync_state(self) -> bool | None:
+        return self._hooks.sync_state
+
+    @property
+    def steps(self) -> int:
+        """Real steps taken (``step()`` calls the wrapped optimizer completed)."""
+        return self._hooks.steps
+
+    @property
+    def last_penalty(self) -> torch.Tensor | None:
+        """The summed penalty value of the last step (detached; None if no term was active)."""
+        return self._hooks.last_penalty
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __repr__(self) -> str:
+        return (f"PenalizedOptimizer({self.optimizer!r}, penalties={[type(p).__name__ for p in self.penalties]}, "
+                f"projections={[type(p).__name__ for p in self.projections]})")
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Add penalty gradients, step the wrapped optimizer, then prox and project.
+
+        The penalty gradients are added by this optimizer's step pre-hook, i.e.
+        after the task gradients are final: a ``clip_grad_norm_`` before
+        ``step()`` clips the task gradient only, never the penalty gradient.
+
+        Args:
+            closure: re-evaluates the task loss and calls ``backward()`` (as for any
+                optimizer). The wrapped optimizer calls it (LBFGS several times); the
+                penalty gradients are added after every evaluation, with the state
+                stepped and the term counters advanced once per real step.
+
+        Returns:
+            The closure's loss plus the penalty, if a closure was given.
+        """
+        if closure is None:
+            return self.optimizer.step()
+        return self.optimizer.step(closure)
+
+    # -------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict, the shared state (warm vectors), every term's state and type."""
+        return {"optimizer": self.optimizer.state_dict(), **self._hooks.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load what :meth:`state_dict` saved; everything is checked before anything is loaded.
@@ -446,33 +755,21 @@ class PenalizedOptimizer(Optimizer):
         A plain optimizer checkpoint (keys ``state`` and ``param_groups``, saved
         before the penalties were added) is loaded into the wrapped optimizer;
         the warm vectors and term counters then start afresh (with a warning).
+        A checkpoint whose penalties differ in type, layers or configuration
+        from this wrapper's is refused with a ValueError naming both.
         """
         if isinstance(state_dict, dict) and set(state_dict) == {"state", "param_groups"}:
             self.optimizer.load_state_dict(state_dict)
             warnings.warn("Loaded a plain optimizer state dict: the wrapped optimizer resumes, the spectral "
                           "state and penalty counters start afresh", UserWarning, stacklevel=2)
             return
-        if not isinstance(state_dict, dict) or not {"optimizer", "spectral_state", "penalties", "projections",
-                                                      "steps"} <= set(state_dict):
+        if not isinstance(state_dict, dict) or "optimizer" not in state_dict:
             raise ValueError("Expected a state dict saved by PenalizedOptimizer.state_dict() (keys optimizer, "
-                             "spectral_state, penalties, projections, steps)")
-        if (state_dict["spectral_state"] is None) != (self._shared_state is None):
-            raise ValueError("The checkpoint and this wrapper disagree on whether a shared SpectralState exists")
-        if len(state_dict["penalties"]) != len(self.penalties) or len(state_dict["projections"]) != len(self.projections):
-            raise ValueError(f"The checkpoint holds {len(state_dict['penalties'])} penalties and "
-                             f"{len(state_dict['projections'])} projections; this wrapper has {len(self.penalties)} "
-                             f"and {len(self.projections)}")
-        if self._shared_state is not None:
-            _module_state_compatible(self._shared_state, state_dict["spectral_state"], "the shared SpectralState")
-        for i, (t, sd) in enumerate(zip(self.penalties + self.projections,
-                                        state_dict["penalties"] + state_dict["projections"])):
-            _module_state_compatible(t, sd, f"term {i} ({type(t).__name__})")
+                             "spectral_state, penalties, projections, terms, steps)")
+        rest = {k: v for k, v in state_dict.items() if k != "optimizer"}
+        self._hooks.check_state_dict(rest)
         self.optimizer.load_state_dict(state_dict["optimizer"])
-        if self._shared_state is not None:
-            self._shared_state.load_state_dict(state_dict["spectral_state"])
-        for t, sd in zip(self.penalties + self.projections, state_dict["penalties"] + state_dict["projections"]):
-            t.load_state_dict(sd)
-        self.steps = int(state_dict["steps"])
+        self._hooks.load_state_dict(rest)
 
 
 def wrap(optimizer: Optimizer, model: nn.Module, penalties: Sequence[Any] = (),
