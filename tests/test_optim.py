@@ -394,3 +394,126 @@ def test_a_failing_schedule_rolls_back_every_counter():
         opt.step()
     assert good._calls == 0 and bad._calls == 0
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+# ---------------------------------------------------------------------- penalty types, frozen layers, clipping
+def test_state_dict_with_other_penalty_types_is_refused_and_changes_nothing():
+    from robustcompress.penalties import NuclearNormPenalty
+
+    a, b = mlp(), mlp(1)
+    sa, sb = SpectralState(a, k=3), SpectralState(b, k=3)
+    opt_a = wrap(torch.optim.SGD(a.parameters(), lr=0.1), a, [SpectralNormPenalty(sa, 0.05)])
+    opt_b = wrap(torch.optim.SGD(b.parameters(), lr=0.1), b, [NuclearNormPenalty(sb, 0.05, k=3)])
+    for x, y in batches(2):
+        F.cross_entropy(a(x), y).backward()
+        opt_a.step()
+        opt_a.zero_grad()
+    before = copy.deepcopy(opt_b.state_dict())
+    with pytest.raises(ValueError, match="SpectralNormPenalty.*NuclearNormPenalty|type"):
+        opt_b.load_state_dict(opt_a.state_dict())
+    after = opt_b.state_dict()
+    assert after["steps"] == before["steps"] == 0
+    assert all(torch.equal(x, y) for x, y in zip(after["spectral_state"].values(), before["spectral_state"].values()))
+
+
+def test_state_dict_with_other_mode_or_layers_is_refused():
+    a = mlp()
+    s = SpectralState(a, k=3)
+    saved = wrap(torch.optim.SGD(a.parameters(), lr=0.1), a, [SpectralNormPenalty(s, 0.05)]).state_dict()
+    b = mlp()
+    sb = SpectralState(b, k=3)
+    other_mode = wrap(torch.optim.SGD(b.parameters(), lr=0.1), b, [SpectralNormPenalty(sb, 0.05, mode="hinge", target=1.0)])
+    with pytest.raises(ValueError, match="mode"):
+        other_mode.load_state_dict(saved)
+    c = mlp()
+    sc = SpectralState(c, k=3)
+    other_layers = wrap(torch.optim.SGD(c.parameters(), lr=0.1), c, [SpectralNormPenalty(sc, 0.05, layers=["0"])])
+    with pytest.raises(ValueError, match="layers"):
+        other_layers.load_state_dict(saved)
+
+
+def test_plain_optimizer_state_dict_still_loads_with_a_warning():
+    a = mlp()
+    plain = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    for x, y in batches(1):
+        F.cross_entropy(a(x), y).backward()
+        plain.step()
+    opt = wrap(torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), a, [SpectralNormPenalty(a, 0.05)])
+    with pytest.warns(UserWarning, match="plain optimizer"):
+        opt.load_state_dict(plain.state_dict())
+    assert torch.equal(opt.state[a[0].weight]["momentum_buffer"], plain.state[a[0].weight]["momentum_buffer"])
+
+
+def test_frozen_first_layer_is_never_changed_and_gets_no_grad():
+    from robustcompress.penalties import default_penalties
+
+    model = mlp()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    terms_ = default_penalties(model, strength=1.0) + [L1Penalty(model, 1e-2, proximal=True)]
+    opt = wrap(torch.optim.AdamW(model.parameters(), lr=0.05), model, terms_,
+               projections=[SpectralNormClip(model, target=0.05), RowL1Cap(model, max_l1=0.1)])
+    w2 = model[2].weight.detach().clone()
+    for x, y in batches(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert all(torch.equal(p, f) for p, f in zip(model[0].parameters(), frozen))
+    assert all(p.grad is None for p in model[0].parameters())
+    assert not torch.equal(model[2].weight, w2)  # the trainable layers did move
+
+
+def test_penalty_gradient_is_added_after_clipping_and_is_not_clipped():
+    """clip_grad_norm_ before step() clips the task gradient only; the penalty's arrives unclipped."""
+    a = mlp()
+    state = SpectralState(a, k=1)
+    pen = SpectralNormPenalty(state, 10.0)  # a penalty gradient far above the clip threshold
+    seen = {}
+    base = torch.optim.SGD(a.parameters(), lr=0.0)
+    opt = wrap(base, a, [pen])
+    # A pre-hook on the wrapped optimizer sees the gradient exactly as its update will.
+    base.register_step_pre_hook(lambda o, args, kw: seen.update(g=a[0].weight.grad.clone()))
+    x, y = batches(1)[0]
+    F.cross_entropy(a(x), y).backward()
+    torch.nn.utils.clip_grad_norm_(a.parameters(), max_norm=1e-3)
+    task = a[0].weight.grad.clone()
+    opt.step()
+    u, v = state.vectors("0")
+    expected = task + 10.0 * 2 * state.sigmas("0")[0] * torch.outer(u[:, 0], v[:, 0])
+    torch.testing.assert_close(seen["g"], expected, rtol=1e-5, atol=1e-7)
+    assert float(seen["g"].norm()) > 100 * 1e-3  # not scaled down to the clip threshold
+
+
+def test_wrap_and_attach_on_one_optimizer_is_an_error():
+    from robustcompress.optim import attach
+
+    a = mlp()
+    base = torch.optim.SGD(a.parameters(), lr=0.1)
+    opt = wrap(base, a, [SpectralNormPenalty(a, 0.05)])
+    with pytest.raises(ValueError, match="wrap"):
+        attach(base, a, [SpectralNormPenalty(a, 0.05)])
+    with pytest.raises(ValueError, match="wrap"):
+        attach(opt, a, [SpectralNormPenalty(a, 0.05)])
+    other = torch.optim.SGD(a.parameters(), lr=0.1)
+    hooks = attach(other, a, [SpectralNormPenalty(a, 0.05)])
+    with pytest.raises(ValueError, match="never both"):
+        wrap(other, a, [SpectralNormPenalty(a, 0.05)])
+    hooks.detach()
+    wrap(other, a, [SpectralNormPenalty(a, 0.05)])  # detached: allowed again
+
+
+def test_attach_matches_wrap_bit_for_bit():
+    from robustcompress.optim import attach
+
+    a, b = mlp(), mlp()
+    opt_a = wrap(torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), a, terms(SpectralState(a, k=3)))
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    hooks = attach(opt_b, b, terms(SpectralState(b, k=3)))
+    for x, y in batches(4):
+        for m, o in ((a, opt_a), (b, opt_b)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert hooks.steps == opt_a.steps == 4
