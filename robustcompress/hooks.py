@@ -249,6 +249,68 @@ class Tracker:
                 raise FloatingPointError(f"Non-finite values (NaN/Inf) in the output of layer {name!r} on a "
                                          f"training step before tracking step {self._step}")
 
+    # -------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this tracker's step numbering and records.
+
+        ``{"steps", "every", "layers", "nonfinite", "state"}``: the training-mode
+        forward passes counted so far, the schedule and layers (checked on load),
+        the pending non-finite flags (as Python bools) and, when the tracker owns
+        its ``SpectralState``, that state's ``state_dict`` (its warm vectors
+        decide the logged ``sigma_1``). A shared state is saved by its owner.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+            >>> t = track(model, every=2)
+            >>> _ = model(torch.randn(3, 4))
+            >>> t.state_dict()["steps"]
+            1
+        """
+        return {
+            "steps": self.steps,
+            "every": self.every,
+            "layers": list(self.names),
+            "nonfinite": {name: bool(flag) for name, flag in self._flags.items()},
+            "state": self.state.state_dict() if (self._owns_state and self.state is not None) else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue from what :meth:`state_dict` saved (checked first; nothing changes on a mismatch).
+
+        Raises:
+            ValueError: the saved schedule ``every`` or layer list differs from
+                this tracker's, or the owned state's entry does not fit.
+        """
+        keys = {"steps", "every", "layers", "nonfinite", "state"}
+        if not isinstance(state_dict, dict) or set(state_dict) != keys:
+            raise ValueError(f"Expected a Tracker state dict with keys {sorted(keys)}, but got "
+                             f"{sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}")
+        steps = state_dict["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"Tracker state: expected steps to be an int >= 0, but got steps={steps!r}")
+        if state_dict["every"] != self.every:
+            raise ValueError(f"Tracker state was saved with every={state_dict['every']}, this tracker has "
+                             f"every={self.every}")
+        if list(state_dict["layers"]) != list(self.names):
+            raise ValueError(f"Tracker state was saved for layers {list(state_dict['layers'])}, this tracker "
+                             f"tracks {list(self.names)}")
+        unknown = [n for n in state_dict["nonfinite"] if n not in self.names]
+        if unknown:
+            raise ValueError(f"Tracker state flags layers it does not track: {unknown}")
+        owned = self._owns_state and self.state is not None
+        if (state_dict["state"] is not None) != owned:
+            raise ValueError("Tracker state and this tracker disagree on whether the tracker owns its SpectralState "
+                             f"(saved: {state_dict['state'] is not None}, here: {owned})")
+        if owned:
+            own, saved = self.state.state_dict(), state_dict["state"]
+            bad = sorted(k for k in set(own) | set(saved) if k not in own or k not in saved
+                         or getattr(own[k], "shape", None) != getattr(saved[k], "shape", None))
+            if bad:
+                raise ValueError(f"Tracker state: its SpectralState entry does not fit this tracker's ({bad[:5]})")
+            self.state.load_state_dict(saved)
+        self.steps = steps
+        self._flags = {n: torch.tensor(bool(f)) for n, f in state_dict["nonfinite"].items()}
+
     # -------------------------------------------------------------- handle
     def remove(self) -> None:
         """Remove every hook and close file sinks (idempotent)."""

@@ -154,3 +154,86 @@ def test_linear_on_sequences_counts_features_on_the_last_axis():
     handle.remove()
     eff = [r["value"] for r in rows if r["metric"] == "effective_rank" and r["layer"] == "0"]
     assert eff and all(v <= 3 + 1e-6 for v in eff)  # at most the layer's 3 units
+
+
+# ---------------------------------------------------------------------- checkpoints
+_RESUME_SCRIPT = r"""
+import sys
+import torch
+import torch.nn.functional as F
+from torch import nn
+from robustcompress.hooks import track
+from robustcompress.optim import wrap
+from robustcompress.penalties import default_penalties
+
+torch.set_num_threads(1)
+mode, jsonl, ckpt, start, stop = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3))
+opt = wrap(torch.optim.AdamW(model.parameters(), lr=0.05), model, default_penalties(model, strength=0.1))
+tracker = track(model, every=3, sink=jsonl)
+if mode == "resume":
+    saved = torch.load(ckpt, weights_only=True)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    tracker.load_state_dict(saved["tracker"])
+for i in range(start, stop):
+    g = torch.Generator().manual_seed(1000 + i)
+    x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+tracker.remove()
+torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "tracker": tracker.state_dict()}, ckpt)
+"""
+
+
+def test_fresh_process_resume_continues_the_tracker_jsonl(tmp_path):
+    """4 steps, a checkpoint, a new process for steps 4..9: the JSONL equals one uninterrupted run's."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(_RESUME_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+
+    def run(*args):
+        subprocess.run([sys.executable, str(script), *map(str, args)], check=True, env=env, timeout=120)
+
+    run("fresh", tmp_path / "straight.jsonl", tmp_path / "straight.pt", 0, 10)
+    run("fresh", tmp_path / "split.jsonl", tmp_path / "split.pt", 0, 4)
+    run("resume", tmp_path / "split.jsonl", tmp_path / "split.pt", 4, 10)
+    straight = (tmp_path / "straight.jsonl").read_text().splitlines()
+    split = (tmp_path / "split.jsonl").read_text().splitlines()
+    assert sorted({json.loads(r)["step"] for r in split}) == [0, 3, 6, 9]
+    assert split == straight
+    a, b = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "split.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["tracker"]["steps"] == b["tracker"]["steps"] == 10
+    assert all(torch.equal(a["tracker"]["state"][k], b["tracker"]["state"][k]) for k in a["tracker"]["state"])
+
+
+def test_tracker_state_dict_round_trip_and_mismatches():
+    model = mlp()
+    t = track(model, every=2)
+    for _ in range(3):
+        model(torch.randn(8, 6))
+    sd = t.state_dict()
+    t.remove()
+    u = track(model, every=2)
+    u.load_state_dict(sd)
+    assert u.steps == 3
+    model(torch.randn(8, 6))  # step 3: not recorded
+    model(torch.randn(8, 6))  # step 4: recorded
+    assert sorted({r["step"] for r in u.records}) == [4]
+    u.remove()
+    with pytest.raises(ValueError, match="every=2"):
+        track(model, every=5).load_state_dict(sd)
+    with pytest.raises(ValueError, match="layers"):
+        track(model, every=2, layers=["0"]).load_state_dict(sd)
+    with pytest.raises(ValueError, match="owns"):
+        track(model, every=2, state=SpectralState(model)).load_state_dict(sd)
+    with pytest.raises(ValueError, match="keys"):
+        track(model, every=2).load_state_dict({"steps": 3})
