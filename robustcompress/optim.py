@@ -303,11 +303,39 @@ class PenaltyHooks:
         self.optimizer: Optimizer | None = None
         self._handles: list[Any] = []
         self._active: list[tuple[Penalty, float]] | None = None
+        self._skipped = False
 
     @property
     def spectral_state(self) -> SpectralState | None:
         """The shared state stepped once per real step (None if every term owns its own)."""
         return self._shared_state
+
+    @classmethod
+    def from_terms(cls, penalties: Sequence[Any] = (), projections: Sequence[Projection] = (),
+                   state: SpectralState | None = None, sync_state: bool | None = None) -> "PenaltyHooks":
+        """Build from the terms alone: the model is the one their state was built for.
+
+        Raises:
+            ValueError: no penalty, projection or state was given.
+
+        Example:
+            >>> from robustcompress.penalties import default_penalties
+            >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+            >>> PenaltyHooks.from_terms(default_penalties(model)).model is model
+            True
+        """
+        if isinstance(penalties, (Penalty, PenaltySum)):
+            penalties = [penalties]
+        if isinstance(projections, Projection):
+            projections = [projections]
+        items = flatten_penalties(penalties) + list(projections)
+        if state is None and not items:
+            raise ValueError("Expected at least one penalty or projection (or state=), but got none")
+        model = state.model if isinstance(state, SpectralState) else getattr(items[0], "state", None)
+        model = model.model if isinstance(model, SpectralState) else model
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Expected penalties/projections built on a SpectralState, but got {type(items[0]).__name__}")
+        return cls(model, penalties, projections, state, sync_state)
 
     # -------------------------------------------------------------- optimizer
     def check_optimizer(self, optimizer: Optimizer) -> None:
@@ -326,9 +354,9 @@ class PenaltyHooks:
         ``step()`` without a closure gets the penalty gradients before its update;
         ``step(closure)`` gets a closure that adds them after every evaluation
         (Lightning runs backward and gradient clipping inside that closure), so
-        either way they come after clipping. When ``step`` receives a
-        ``grad_scale`` (a fused optimizer under ``GradScaler``, which unscales
-        inside ``step``), the penalty gradients are multiplied by it first.
+        either way they come after clipping. For a fused optimizer under
+        ``GradScaler`` (which unscales inside ``step`` by the ``grad_scale`` the
+        scaler sets on it), the penalty gradients are multiplied by that scale first.
 
         Returns:
             ``self``, for chaining.
@@ -362,8 +390,22 @@ class PenaltyHooks:
         self.optimizer = None
 
     def _pre_hook(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        self._skipped = False
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            found_inf = getattr(optimizer, "found_inf", None)
+            if isinstance(found_inf, torch.Tensor) and bool(found_inf.any()):
+                # The fused step skips its update (inf/NaN gradients): so do the penalties,
+                # as GradScaler skips step() altogether for other optimizers.
+                self._skipped = True
+                return None
+        # A fused optimizer under GradScaler unscales inside step(): GradScaler hands
+        # it the scale as the public attribute ``grad_scale`` (None once unscaled).
+        scale = getattr(optimizer, "grad_scale", None) if getattr(optimizer, "_step_supports_amp_scaling",
+                                                                  False) else None
+        if "grad_scaler" in kwargs:
+            raise RuntimeError("This optimizer unscales through a grad_scaler= step argument, which penalties "
+                               "cannot follow; use a non-fused optimizer or one reading grad_scale")
         self._active = self.begin_step()
-        scale = kwargs.get("grad_scale")
         # torch passes the bound method's arguments: args[0] is the optimizer itself.
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         if closure is None:
@@ -385,6 +427,9 @@ class PenaltyHooks:
         return args, {**kwargs, "closure": closure_with_penalties}
 
     def _post_hook(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
+        if self._skipped:
+            self._skipped = False
+            return
         self.finish_step()
 
     # -------------------------------------------------------------- one step
