@@ -127,3 +127,20 @@ def test_callback_on_a_wrapped_optimizer_is_an_error(tmp_path):
                 callbacks=[PenaltyCallback(default_penalties(model))], optimizers=(opt, None))
     with pytest.raises(ValueError, match="never both"):
         t.train()
+
+
+def test_example_script_tiny_run(tmp_path):
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(root))
+    subprocess.run([sys.executable, str(root / "examples" / "hf_tiny_bert.py"), "--epochs", "1", "--limit", "64",
+                    "--hidden", "16", "--every", "1", "--log-steps", "1", "--save-steps", "2", "--device", "cpu",
+                    "--out", str(tmp_path)], check=True, env=env, timeout=300, capture_output=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["penalty"] > 0 and summary["max_sigma_1"] > 0
+    assert (tmp_path / "checkpoint-2" / STATE_FILE).is_file()

@@ -235,3 +235,19 @@ def test_ddp_two_cpu_processes_agree_bit_for_bit(tmp_path):
     for key in ("params", "state"):
         assert r0[key].keys() == r1[key].keys()
         assert all(torch.equal(r0[key][k], r1[key][k]) for k in r0[key])
+
+
+def test_example_script_tiny_run(tmp_path):
+    import json
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, str(ROOT / "examples" / "lightning_digits.py"), "--epochs", "2", "--limit", "128",
+                    "--every", "1", "--device", "cpu", "--out", str(tmp_path)], check=True, env=env, timeout=300,
+                   capture_output=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0 <= summary["robust"] <= summary["clean"] <= 1 and set(summary["sigma_1"]) == {"1", "3", "5"}
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    state = next(v for k, v in ckpt["callbacks"].items() if "PenaltyCallback" in k)
+    assert state["penalties"]["steps"] == 2 * 2 // 2  # 128 images, batches of 64, accumulate 2
+    metrics = next((tmp_path / "logs").glob("version_*/metrics.csv")).read_text()
+    assert "robustcompress/penalty" in metrics and "robustcompress/1/sigma_1" in metrics
