@@ -180,8 +180,14 @@ def broadcast_state(state: SpectralState, src: int = 0, group: Any = None) -> No
 
 # ====================================================================== the engine
 # Optimizers that already carry penalties (through wrap() or attach()): a second
-# set would add every penalty gradient twice.
-_CARRIERS: "weakref.WeakKeyDictionary[Optimizer, PenaltyHooks]" = weakref.WeakKeyDictionary()
+# set would add every penalty gradient twice. Both sides are weak: a wrapper
+# that is dropped frees its optimizer for another wrap().
+_CARRIERS: "weakref.WeakKeyDictionary[Optimizer, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def _carries_penalties(optimizer: Optimizer) -> bool:
+    ref = _CARRIERS.get(optimizer)
+    return ref is not None and ref() is not None
 
 
 def _module_state_compatible(module: nn.Module, sd: Any, what: str) -> None:
@@ -370,14 +376,14 @@ class PenaltyHooks:
         if self.optimizer is not None:
             raise ValueError("These PenaltyHooks are already attached to an optimizer; detach() them first")
         own_wrapper = isinstance(optimizer, PenalizedOptimizer) and optimizer.__dict__.get("_hooks") is self
-        if (isinstance(optimizer, PenalizedOptimizer) and not own_wrapper) or optimizer in _CARRIERS:
+        if (isinstance(optimizer, PenalizedOptimizer) and not own_wrapper) or _carries_penalties(optimizer):
             raise ValueError("This optimizer already adds penalties (it was built by wrap(), or penalties were "
                              "attached to it); use either wrap() or one callback/attach(), never both")
         self.check_optimizer(optimizer)
         self._handles = [optimizer.register_step_pre_hook(self._pre_hook),
                          optimizer.register_step_post_hook(self._post_hook)]
         self.optimizer = optimizer
-        _CARRIERS[optimizer] = self
+        _CARRIERS[optimizer] = weakref.ref(self)
         return self
 
     def detach(self) -> None:
@@ -658,7 +664,7 @@ class PenalizedOptimizer(Optimizer):
             raise TypeError(f"Expected optimizer to be a torch.optim.Optimizer, but got {type(optimizer).__name__}")
         if isinstance(optimizer, PenalizedOptimizer):
             raise ValueError("optimizer is already wrapped; pass every penalty to one wrap() call")
-        if optimizer in _CARRIERS:
+        if _carries_penalties(optimizer):
             raise ValueError("Penalties are already attached to this optimizer (a Lightning or Hugging Face "
                              "callback, or attach()); use either wrap() or the callback, never both")
         hooks = PenaltyHooks(model, penalties, projections, state, sync_state)
@@ -674,7 +680,7 @@ class PenalizedOptimizer(Optimizer):
         self.optimizer = optimizer
         self._hooks = hooks
         hooks.attach(self)
-        _CARRIERS[optimizer] = hooks
+        _CARRIERS[optimizer] = weakref.ref(self)
 
     # -------------------------------------------------------------- Optimizer interface
     def _inner(self) -> Optimizer | None:

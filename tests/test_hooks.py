@@ -167,24 +167,31 @@ from robustcompress.optim import wrap
 from robustcompress.penalties import default_penalties
 
 torch.set_num_threads(1)
-mode, jsonl, ckpt, start, stop = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3))
-opt = wrap(torch.optim.AdamW(model.parameters(), lr=0.05), model, default_penalties(model, strength=0.1))
-tracker = track(model, every=3, sink=jsonl)
-if mode == "resume":
-    saved = torch.load(ckpt, weights_only=True)
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["optimizer"])
-    tracker.load_state_dict(saved["tracker"])
-for i in range(start, stop):
-    g = torch.Generator().manual_seed(1000 + i)
-    x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-tracker.remove()
-torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "tracker": tracker.state_dict()}, ckpt)
+
+
+def run(mode, jsonl, ckpt, start, stop):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3))
+    opt = wrap(torch.optim.AdamW(model.parameters(), lr=0.05), model, default_penalties(model, strength=0.1))
+    tracker = track(model, every=3, sink=jsonl)
+    if mode == "resume":
+        saved = torch.load(ckpt, weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        tracker.load_state_dict(saved["tracker"])
+    for i in range(start, stop):
+        g = torch.Generator().manual_seed(1000 + i)
+        x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    tracker.remove()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "tracker": tracker.state_dict()}, ckpt)
+
+
+args = sys.argv[1:]
+for j in range(0, len(args), 5):  # independent runs, one after another: (mode, jsonl, ckpt, start, stop)
+    run(args[j], args[j + 1], args[j + 2], int(args[j + 3]), int(args[j + 4]))
 """
 
 
@@ -202,8 +209,8 @@ def test_fresh_process_resume_continues_the_tracker_jsonl(tmp_path):
     def run(*args):
         subprocess.run([sys.executable, str(script), *map(str, args)], check=True, env=env, timeout=120)
 
-    run("fresh", tmp_path / "straight.jsonl", tmp_path / "straight.pt", 0, 10)
-    run("fresh", tmp_path / "split.jsonl", tmp_path / "split.pt", 0, 4)
+    run("fresh", tmp_path / "straight.jsonl", tmp_path / "straight.pt", 0, 10,
+        "fresh", tmp_path / "split.jsonl", tmp_path / "split.pt", 0, 4)
     run("resume", tmp_path / "split.jsonl", tmp_path / "split.pt", 4, 10)
     straight = (tmp_path / "straight.jsonl").read_text().splitlines()
     split = (tmp_path / "split.jsonl").read_text().splitlines()

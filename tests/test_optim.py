@@ -501,6 +501,11 @@ def test_wrap_and_attach_on_one_optimizer_is_an_error():
         wrap(other, a, [SpectralNormPenalty(a, 0.05)])
     hooks.detach()
     wrap(other, a, [SpectralNormPenalty(a, 0.05)])  # detached: allowed again
+    import gc
+
+    del opt
+    gc.collect()
+    wrap(base, a, [SpectralNormPenalty(a, 0.05)])  # the first wrapper is gone: its optimizer is free again
 
 
 def test_attach_matches_wrap_bit_for_bit():
