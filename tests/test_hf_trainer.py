@@ -144,3 +144,17 @@ def test_example_script_tiny_run(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["penalty"] > 0 and summary["max_sigma_1"] > 0
     assert (tmp_path / "checkpoint-2" / STATE_FILE).is_file()
+
+
+def test_readme_snippet_runs(tmp_path, monkeypatch):
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)\n```", readme, flags=re.S) if "integrations.hf import" in b)
+    monkeypatch.chdir(tmp_path)
+    code = code.replace('TrainingArguments(output_dir="out",',
+                        'TrainingArguments(output_dir="out", use_cpu=True, report_to=[], max_steps=2, disable_tqdm=True,')
+    scope = {"model": bert(), "train": data(8)}
+    exec(code, scope)  # noqa: S102 - the README's code
+    assert scope["callback"].hooks.steps == 2

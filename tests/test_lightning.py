@@ -251,3 +251,18 @@ def test_example_script_tiny_run(tmp_path):
     assert state["penalties"]["steps"] == 2 * 2 // 2  # 128 images, batches of 64, accumulate 2
     metrics = next((tmp_path / "logs").glob("version_*/metrics.csv")).read_text()
     assert "robustcompress/penalty" in metrics and "robustcompress/1/sigma_1" in metrics
+
+
+def test_readme_snippet_runs(tmp_path, monkeypatch):
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)\n```", readme, flags=re.S)
+                if "integrations.lightning import" in b)
+    monkeypatch.chdir(tmp_path)
+    code = code.replace("L.Trainer(", "L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, "
+                                      "accelerator='cpu', max_steps=2, ")
+    scope = {"MyLightningModule": Net, "train_loader": loader()}
+    exec(code, scope)  # noqa: S102 - the README's code
+    assert scope["callback"].hooks.steps == 2  # max_steps counts optimizer steps
+    assert "robustcompress/penalty" in scope["trainer"].callback_metrics

@@ -110,6 +110,7 @@ class PenaltyCallback(TrainerCallback):
             self.load(path)
         elif self._tracker_state is not None and self.tracker is not None:
             self.tracker.load_state_dict(self._tracker_state)
+        self.hooks.detach()  # a previous run that raised left them attached
         # accelerate wraps the torch optimizer; the hooks go on the torch optimizer it steps.
         inner = getattr(optimizer, "optimizer", optimizer)
         self.hooks.attach(inner if isinstance(inner, torch.optim.Optimizer) else optimizer)

@@ -120,6 +120,7 @@ class PenaltyCallback(pl.Callback):
         if self.optimizer_index >= len(optimizers):
             raise ValueError(f"optimizer_index={self.optimizer_index}, but the module configures "
                              f"{len(optimizers)} optimizer(s)")
+        self.hooks.detach()  # a previous run that raised left them attached
         self.hooks.attach(optimizers[self.optimizer_index])
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
