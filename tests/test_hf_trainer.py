@@ -57,6 +57,7 @@ def callback(model, **kw):
     return PenaltyCallback(default_penalties(state, strength=0.5), track_every=3, **kw)
 
 
+@pytest.mark.slow
 def test_four_plus_four_resumed_steps_equal_eight_straight(tmp_path):
     straight = bert()
     cb_straight = callback(straight)
@@ -129,6 +130,7 @@ def test_callback_on_a_wrapped_optimizer_is_an_error(tmp_path):
         t.train()
 
 
+@pytest.mark.slow
 def test_example_script_tiny_run(tmp_path):
     import json
     import os

@@ -195,6 +195,7 @@ for j in range(0, len(args), 5):  # independent runs, one after another: (mode, 
 """
 
 
+@pytest.mark.slow
 def test_fresh_process_resume_continues_the_tracker_jsonl(tmp_path):
     """4 steps, a checkpoint, a new process for steps 4..9: the JSONL equals one uninterrupted run's."""
     import os

@@ -225,6 +225,7 @@ def test_manual_optimisation_adds_penalties_on_each_step():
     assert cb.hooks.steps == 3
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_agree_bit_for_bit(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -237,6 +238,7 @@ def test_ddp_two_cpu_processes_agree_bit_for_bit(tmp_path):
         assert all(torch.equal(r0[key][k], r1[key][k]) for k in r0[key])
 
 
+@pytest.mark.slow
 def test_example_script_tiny_run(tmp_path):
     import json
 
