@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -41,7 +42,8 @@ from .backends import FusedBackend, ProductBackend, TorchBackend
 from .iteration import cholesky_qr2
 from .views import SUPPORTED_LAYERS, LinearOperator, LowRankView, MatrixView, operator_for
 
-__all__ = ["SpectralState", "record_input_shapes", "unsupported_reason"]
+__all__ = ["SpectralState", "Coverage", "Discovery", "discover_layers", "operator_tensors", "record_input_shapes",
+           "unsupported_reason"]
 
 _REFUSED = {
     nn.Conv3d: "Conv3d is not supported yet",
@@ -132,6 +134,80 @@ def unsupported_reason(module: nn.Module) -> str | None:
     if "lora" in type(module).__name__.lower():
         return "LoRA adapters are not supported"
     return ""
+
+
+def operator_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The stored tensors a supported layer's operator reads (its weight, or both low-rank factors).
+
+    Example:
+        >>> [tuple(t.shape) for t in operator_tensors(nn.Linear(3, 2))]
+        [(2, 3)]
+    """
+    if isinstance(module, (LowRankLinear, LowRankConv2d)):
+        return [module.weight_a, module.weight_b]
+    if isinstance(module, SUPPORTED_LAYERS):
+        return [module.weight]
+    raise TypeError(f"{type(module).__name__} is not a layer the spectral state tracks")
+
+
+def _own_weights(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters(recurse=False) if p.dim() >= 2]
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """The layers of a model the spectral state can track, and the weight-bearing modules it cannot."""
+
+    #: trackable module names in module order (a module used twice appears under every name)
+    layers: list[str]
+    #: ``{name: reason}`` of weight-bearing modules left out
+    skipped: dict[str, str]
+
+
+def discover_layers(model: nn.Module) -> Discovery:
+    """Find the trackable layers of ``model`` and list every weight-bearing module left out, with the reason.
+
+    A module is weight-bearing when it holds a parameter with two or more
+    axes of its own; one that no layer kind covers is listed with its type name.
+
+    Example:
+        >>> found = discover_layers(nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 2)))
+        >>> found.layers, list(found.skipped)
+        (['1'], ['0'])
+    """
+    layers: list[str] = []
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        reason = unsupported_reason(module)
+        if reason is None:
+            layers.append(name)
+        elif reason:
+            skipped[name] = reason
+        elif _own_weights(module):
+            params = ", ".join(n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2)
+            skipped[name] = f"no layer kind is registered for {type(module).__name__} (holds {params})"
+    return Discovery(layers, skipped)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What a :class:`SpectralState` tracks of its model.
+
+    ``share = tracked_elements / weight_elements``: the elements of the
+    model's parameters with two or more axes (each tensor counted once) that
+    some tracked operator reads.
+    """
+
+    tracked: int
+    skipped: int
+    frozen: list[str]
+    tracked_elements: int
+    weight_elements: int
+
+    @property
+    def share(self) -> float:
+        """Fraction of weight elements tracked (1.0 for a model without weights)."""
+        return self.tracked_elements / self.weight_elements if self.weight_elements else 1.0
 
 
 def _find_bn_successors(model: nn.Module, names: Sequence[str],
@@ -269,46 +345,49 @@ class SpectralState(nn.Module):
         self._backends: list[ProductBackend] = [self._torch_backend]
         if backend != "torch":
             self._backends.insert(0, FusedBackend(strict=backend == "triton"))
-        self.skipped: dict[str, str] = {}
         self.aliases: dict[str, str] = {}
 
         # remove_duplicate=False: a module used twice (tied weights) is seen under both names.
         named = dict(model.named_modules(remove_duplicate=False))
+        found = discover_layers(model)
+        #: weight-bearing modules left out, ``{name: reason}`` (the whole model, whatever ``layers`` selects)
+        self.skipped: dict[str, str] = dict(found.skipped)
         if layers is not None:
             if isinstance(layers, str):
                 raise TypeError("Expected layers to be a sequence of layer names, but got a single string; wrap it in a list")
             unknown = [n for n in layers if n not in named]
             if unknown:
-                known = [n for n, m in named.items() if isinstance(m, SUPPORTED_LAYERS)]
-                raise ValueError(f"Unknown layer names {unknown}; supported layers of this model: {known}")
+                raise ValueError(f"Unknown layer names {unknown}; supported layers of this model: {found.layers}")
             for n in layers:
                 reason = unsupported_reason(named[n])
-                if reason:
-                    raise ValueError(f"Layer {n!r} ({type(named[n]).__name__}) cannot be tracked: {reason}")
+                if reason is not None:
+                    raise ValueError(f"Layer {n!r} ({type(named[n]).__name__}) cannot be tracked: "
+                                     f"{reason or 'it holds no weight of its own'}")
             candidates = list(layers)
         else:
-            candidates = []
-            for name, module in named.items():
-                reason = unsupported_reason(module)
-                if reason is None:
-                    candidates.append(name)
-                elif reason != "":
-                    self.skipped[name] = reason
+            candidates = list(found.layers)
 
         # Tied weights (one Parameter in two layers) are one operator: track the first.
         seen: dict[int, str] = {}
         tracked = []
+        self._tensors: dict[str, list[torch.Tensor]] = {}
         for name in candidates:
-            module = named[name]
-            pid = id(module.weight_a if isinstance(module, (LowRankLinear, LowRankConv2d)) else module.weight)
+            tensors = operator_tensors(named[name])
+            pid = id(tensors[0])
             if pid in seen:
                 self.aliases[name] = seen[pid]
                 continue
             seen[pid] = name
             tracked.append(name)
+            self._tensors[name] = tensors
         if not tracked:
             raise ValueError("The model has no layer the spectral state can track "
                              f"(supported: {', '.join(t.__name__ for t in SUPPORTED_LAYERS)}); skipped: {self.skipped}")
+        if self.skipped:
+            listed = "; ".join(f"{n or '(root)'} ({type(named[n]).__name__}): {why}" for n, why in self.skipped.items())
+            warnings.warn(f"SpectralState leaves out {len(self.skipped)} weight-bearing module(s) of "
+                          f"{type(model).__name__} (state.coverage() gives the share tracked): {listed}",
+                          UserWarning, stacklevel=2)
 
         shapes: dict[str, tuple[int, ...]] = {}
         if view == "operator":
@@ -365,6 +444,33 @@ class SpectralState(nn.Module):
             if unsupported_reason(module) is None:
                 last = name
         return last
+
+    def is_frozen(self, name: str) -> bool:
+        """True when every stored tensor the operator of ``name`` reads has ``requires_grad=False``."""
+        self._buf(name)
+        return not any(t.requires_grad for t in self._tensors[self.aliases.get(name, name)])
+
+    def operator_tensors(self, name: str) -> list[torch.Tensor]:
+        """The stored tensors the operator of ``name`` reads (gradients of its σ land on these)."""
+        self._buf(name)
+        return list(self._tensors[self.aliases.get(name, name)])
+
+    def coverage(self) -> Coverage:
+        """Tracked / skipped counts, frozen tracked layers and the share of weight elements tracked.
+
+        Example:
+            >>> import warnings
+            >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+            >>> with warnings.catch_warnings():
+            ...     warnings.simplefilter("ignore")
+            ...     cov = SpectralState(model).coverage()
+            >>> cov.tracked, cov.skipped, round(cov.share, 2)
+            (1, 1, 0.29)
+        """
+        weights = {id(p): p.numel() for p in self._model.parameters() if p.dim() >= 2}
+        tracked = {id(t): t.numel() for ts in self._tensors.values() for t in ts if id(t) in weights}
+        frozen = [n for n in self._names if self.is_frozen(n)]
+        return Coverage(len(self._names), len(self.skipped), frozen, sum(tracked.values()), sum(weights.values()))
 
     def _buf(self, name: str) -> _LayerBuffers:
         if name in self.aliases:
