@@ -255,3 +255,14 @@ def test_tracker_records_attention_and_lstm_outputs():
     model.eval()
     shapes = rc.record_input_shapes(model, torch.randn(2, 5, 32), ["0.layers.0.linear1"])
     assert shapes == {"0.layers.0.linear1": (5, 32)}
+
+
+def test_readme_coverage_snippet_runs_as_written():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (code,) = [b for b in re.findall(r"```python\n(.*?)\n```", readme, flags=re.S) if "coverage()" in b]
+    printed = []
+    exec(code, {"print": lambda *a: printed.append(" ".join(map(str, a)))})  # noqa: S102 - the README's code
+    assert printed == ["12 3 0.87", "['transformer.wte', 'transformer.wpe', 'lm_head']"]
