@@ -251,6 +251,12 @@ def test_tracker_records_attention_and_lstm_outputs():
     with rc.track(lstm, every=1) as t:
         lstm(torch.randn(2, 5, 8))
     assert "lstm" in {r["layer"] for r in t.records if r["metric"] == "effective_rank"}
+    gru = nn.GRU(4, 6).train()
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(5, 3, 4), [5, 4, 2])
+    with rc.track(gru, every=1) as t:
+        gru(packed)
+    rows = [r for r in t.records if r["layer"] == "" and r["metric"] == "effective_rank"]
+    assert len(rows) == 1 and 1.0 <= rows[0]["value"] <= 6.0
     # The state's shape recording sees every layer even where eval mode would take the fused fast path.
     model.eval()
     shapes = rc.record_input_shapes(model, torch.randn(2, 5, 32), ["0.layers.0.linear1"])
