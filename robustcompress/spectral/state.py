@@ -1,0 +1,712 @@
+"""Operator views and warm-started subspace iteration: the spectral core.
+
+Everything above this module (metrics, bound, penalties, trackers) reads one
+:class:`SpectralState` per model. Per layer it keeps ``k`` warm right vectors
+``V`` (``n × k``, orthonormal) and left vectors ``U`` (``m × k``), and one step
+is one pass of subspace iteration with Rayleigh–Ritz::
+
+    U₀ = W V,  Y = Wᵀ U₀                       (each W read once)
+    G = U₀ᵀ U₀ = Vᵀ WᵀW V = Q Λ Qᵀ              (k × k)
+    σ_j = √λ_j,  U = U₀ Q / σ,  V ← orth(Y Q)   (CholeskyQR2, QR fallback)
+
+Because ``V`` is orthonormal, the Ritz values ``σ_j`` are *lower* bounds of the
+true singular values (Cauchy interlacing); warm-started from the last training
+step, one iteration per step tracks a slowly moving spectrum. The first column
+pair gives ``σ₁ ≈ uᵀ W v`` with ``v ∝ Wᵀ u``, whose gradient (u, v detached) is
+``u vᵀ`` — the same estimator ``torch.nn.utils.parametrizations.spectral_norm``
+uses, for every layer at once.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
+    >>> state = SpectralState(model, k=2)
+    >>> state.step(50)
+    >>> exact = torch.linalg.svdvals(model[0].weight.double())[:2]
+    >>> torch.allclose(state.sigmas("0").double(), exact, rtol=1e-4)
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .._checks import nonnegative_int, positive_int
+from ..layers import Layer, LayerCatalog, ViewOptions, batchnorm_scale, find_layers, layer_kind, layer_views
+from ..layers import head_name as registry_head_name
+from ..layers import with_row_scale
+from .backends import FusedBackend, ProductBackend, TorchBackend
+from .iteration import cholesky_qr2
+from .views import LinearOperator, operator_from_spec
+
+__all__ = ["SpectralState", "Coverage", "record_input_shapes", "unsupported_reason", "observed_forward"]
+
+
+@contextlib.contextmanager
+def observed_forward() -> Iterator[None]:
+    """A context in which every submodule's forward runs, so module hooks see every layer.
+
+    Inference fast paths (``nn.TransformerEncoderLayer`` and
+    ``nn.MultiheadAttention`` in eval mode without gradients) compute the whole
+    block in one fused call and skip their submodules' forwards and hooks;
+    they are turned off inside the context and restored after it.
+
+    Example:
+        >>> with observed_forward():
+        ...     torch.backends.mha.get_fastpath_enabled()
+        False
+    """
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def record_input_shapes(model: nn.Module, example_input: torch.Tensor,
+                        modules: Iterable[str] | None = None) -> dict[str, tuple[int, ...]]:
+    """Run one forward pass and record each layer's input shape (batch dimension dropped).
+
+    The model's train/eval mode is restored and no gradient is recorded.
+    Modules whose first input is not a tensor (a ``PackedSequence``) are not recorded.
+
+    Args:
+        model: the network.
+        example_input: one batch as the model takes it.
+        modules: module names to record (default: every module with a registered layer kind).
+
+    Returns:
+        ``{module name: input_shape}``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2))
+        >>> record_input_shapes(model, torch.zeros(1, 1, 4, 4))
+        {'0': (1, 4, 4), '2': (8,)}
+    """
+    named = dict(model.named_modules())
+    layered = [n for n, m in named.items() if layer_kind(m) is not None]
+    wanted = list(modules) if modules is not None else layered
+    unknown = [n for n in wanted if n not in named]
+    if unknown:
+        raise ValueError(f"Unknown module names {unknown}; layers of this model: {layered}")
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def observe(name: str, args: tuple, out: object) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            shapes.setdefault(name, tuple(args[0].shape[1:]))
+    _observe_forward(model, example_input, wanted, observe)
+    return shapes
+
+
+def _observe_forward(model: nn.Module, example_input: torch.Tensor, names: Iterable[str],
+                     observe: Callable[[str, tuple, object], object]) -> None:
+    """One eval-mode, no-grad forward pass calling ``observe(name, args, output)`` for each named module.
+
+    The hooks never change an output, are always removed, and every module's
+    train/eval mode is restored, also on error. Inference fast paths are off
+    (:func:`observed_forward`) so every hook runs.
+    """
+    handles = []
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for name in names:
+            def hook(mod, args, out, name=name) -> None:
+                observe(name, args, out)
+            handles.append(model.get_submodule(name).register_forward_hook(hook))
+        model.eval()
+        with torch.no_grad(), observed_forward():
+            model(example_input)
+    finally:
+        for m, training in modes:
+            m.training = training
+        for h in handles:
+            h.remove()
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why penalties leave ``module`` out by default, from the layer registry.
+
+    Returns:
+        None for a module with a registered layer kind that penalties act on;
+        ``""`` if it holds no weight of its own (containers, activations, …);
+        otherwise the reason (a metrics-only kind, or no registered kind), for messages.
+
+    Example:
+        >>> unsupported_reason(nn.Linear(2, 2)) is None, unsupported_reason(nn.ReLU())
+        (True, '')
+    """
+    kind = layer_kind(module)
+    if kind is not None:
+        return None if kind.penalize else kind.exclusion_reason
+    own = [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+    if not own:
+        return ""
+    return f"no registered layer kind for {type(module).__name__} (weights {own})"
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What a :class:`SpectralState` tracks of its model.
+
+    ``share = tracked_elements / weight_elements``: the elements of the
+    model's parameters with two or more axes (each tensor counted once) that
+    some tracked operator reads. ``frozen`` lists the tracked layers whose
+    parameters all have ``requires_grad=False`` (penalties leave them out).
+    """
+
+    tracked: int
+    skipped: int
+    frozen: list[str]
+    tracked_elements: int
+    weight_elements: int
+
+    @property
+    def share(self) -> float:
+        """Fraction of weight elements tracked (1.0 for a model without weights)."""
+        return self.tracked_elements / self.weight_elements if self.weight_elements else 1.0
+
+
+def _layer_problem(layer: Layer) -> str | None:
+    params = layer.parameters
+    if any(not p.is_floating_point() for p in params):
+        return f"its weight is not a floating-point tensor (dtype={params[0].dtype})"
+    if any(p.numel() == 0 for p in params):
+        return "its weight is empty"
+    return None
+
+
+def _find_bn_successors(model: nn.Module, layers: dict[str, Layer],
+                        example_input: torch.Tensor | None = None) -> dict[str, nn.Module]:
+    """Single-operator layers whose only consumer is a BatchNorm over their output features, found with torch.fx.
+
+    BatchNorm scales dim 1. The layer kind says where that is its feature
+    axis (``fold_norm``): ``"channels"`` (a convolution's output channels, any
+    rank), ``"features"`` (a Linear, only when its output is ``(N, F)`` — on
+    ``(N, L, F)`` the BN would act on ``L``). The feature counts must match;
+    with an example input the output rank is checked too.
+
+    Returns:
+        ``{layer name: BatchNorm}``.
+    """
+    by_module = {layer.module_name: layer for layer in layers.values()
+                 if layer.kind.fold_norm is not None and layer.view.name == ""}
+    if not by_module:
+        return {}
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - an untraceable model simply gets no folding
+        return {}
+    ranks: dict[str, int] = {}
+    if example_input is not None:
+        def observe(name: str, args: tuple, out: object) -> None:
+            if isinstance(out, torch.Tensor):
+                ranks.setdefault(name, out.dim())
+        _observe_forward(model, example_input, list(by_module), observe)
+    named = dict(model.named_modules())
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target not in by_module or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        bn = named.get(user.target) if user.op == "call_module" else None
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats or bn.running_var is None:
+            continue
+        layer = by_module[node.target]
+        if bn.num_features != layer.spec.shape[0]:
+            continue
+        if layer.kind.fold_norm == "features" and ranks.get(node.target, 2) != 2:
+            continue
+        found[layer.name] = bn
+    return found
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "-") or "-root"
+
+
+class _LayerBuffers(nn.Module):
+    """Warm vectors of one layer, as buffers so they travel with state_dict() and .to()."""
+
+    def __init__(self, m: int, n: int, k: int, dtype: torch.dtype, device, generator: torch.Generator):
+        super().__init__()
+        v = torch.randn(n, k, generator=generator, dtype=torch.float64)
+        u = torch.randn(m, k, generator=generator, dtype=torch.float64)
+        self.register_buffer("V", cholesky_qr2(v).to(device=device, dtype=dtype))
+        self.register_buffer("U", (u / u.norm(dim=0, keepdim=True)).to(device=device, dtype=dtype))
+        self.register_buffer("S", torch.zeros(k, device=device, dtype=dtype))
+
+
+class SpectralState(nn.Module):
+    """Warm-started top-k singular directions of every layer of a model.
+
+    One state per model, created and owned by the user or the optimizer
+    wrapper; every penalty, the tracker and the report read it, so a training
+    step reads each weight once. The model itself is not modified and nothing
+    is added to its ``state_dict``.
+
+    Args:
+        model: the network.
+        k: directions tracked per layer (clamped to ``min(m, n)`` per layer).
+        layers: names to track: operator names (``"attn.q"``) or module names
+            (all of the module's operators). Default: every layer whose kind
+            penalties act on; metrics-only kinds (Embedding, and a head tied to
+            it) are tracked only when named. Naming an unknown module, or one
+            with no registered layer kind, is an error.
+        view: ``"matrix"`` (weights as ``out × (in·k…)``, cheap) or
+            ``"operator"`` (convolutions as the map at their real input size).
+        input_shape: the model's input shape without batch dimension (operator view).
+        example_input: alternatively, one input batch (operator view).
+        input_shapes: alternatively, ``{layer name: input shape}`` (operator view).
+        fold_bn: iterate a layer followed by BatchNorm as ``diag(γ/√(var+ε))·W``
+            using the running statistics (the operator the model applies in eval mode).
+            A Linear applied to sequences ``(N, L, F)`` and followed by a
+            BatchNorm1d over ``L`` is not that operator: pass ``input_shape`` /
+            ``example_input`` (the output rank is then checked) or ``fold_bn=False``.
+        on_nonfinite: ``"raise"`` (a ValueError naming the layer) or ``"skip"``
+            (warn, keep that layer's previous vectors). NaN never enters the state.
+        backend: ``"auto"`` (the fused Triton kernel on CUDA when available, else
+            batched torch), ``"torch"`` or ``"triton"``.
+        stack_max_numel: torch path: layers of one shape with at most this many
+            weights are stacked into one batched product (default: 2¹⁸ on
+            CUDA, where launches dominate small layers; 0 on CPU, where
+            stacking measured slower than multiplying in place).
+        init_iter: iterations run at construction so estimates start near convergence.
+        seed: seed of the random starting vectors.
+        attention: ``"projections"`` (Q, K, V, O as four matrices) or
+            ``"circuits"`` (per head ``W_O^h W_V^h`` and ``W_Q^hᵀ W_K^h``); see
+            :class:`robustcompress.layers.ViewOptions`.
+
+    Layers are found through the layer registry (:mod:`robustcompress.layers`):
+    a module kind with one operator is tracked under the module's name, one
+    with several (attention Q/K/V/O, recurrent gates) under
+    ``f"{module}.{view}"``. Weight-bearing modules left out are listed in
+    :attr:`skipped` with the reason, and building the state warns once when
+    there are any (:meth:`coverage` gives the share of weights tracked).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> state = SpectralState(model, k=2)
+        >>> state.names
+        ['0', '2']
+        >>> state.sigma("0").backward()  # gradient u vᵀ lands on model[0].weight
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        k: int = 1,
+        layers: Sequence[str] | None = None,
+        view: str = "matrix",
+        input_shape: Sequence[int] | None = None,
+        example_input: torch.Tensor | None = None,
+        input_shapes: dict[str, Sequence[int]] | None = None,
+        fold_bn: bool = True,
+        on_nonfinite: str = "raise",
+        backend: str = "auto",
+        init_iter: int = 10,
+        seed: int = 0,
+        stack_max_numel: int | None = None,
+        attention: str = "projections",
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Expected model to be an nn.Module, but got {type(model).__name__}")
+        positive_int(k, "k")
+        nonnegative_int(init_iter, "init_iter")
+        if view not in ("matrix", "operator"):
+            raise ValueError(f"Expected view to be 'matrix' or 'operator', but got view={view!r}")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"Expected on_nonfinite to be 'raise' or 'skip', but got on_nonfinite={on_nonfinite!r}")
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"Expected backend to be 'auto', 'torch' or 'triton', but got backend={backend!r}")
+        # Kept outside the module tree: the state must not own (or save) the model.
+        object.__setattr__(self, "_model", model)
+        self.k = k
+        self.view = view
+        self.fold_bn = fold_bn
+        self.on_nonfinite = on_nonfinite
+        self.backend = backend
+        limit = None if stack_max_numel is None else nonnegative_int(stack_max_numel, "stack_max_numel")
+        self._torch_backend = TorchBackend(limit)
+        # Asked in order; the torch back-end computes every operator, so it comes last.
+        self._backends: list[ProductBackend] = [self._torch_backend]
+        if backend != "torch":
+            self._backends.insert(0, FusedBackend(strict=backend == "triton"))
+        self.aliases: dict[str, str] = {}
+
+        self.options = ViewOptions(attention=attention)
+        catalog = find_layers(model, self.options)
+        by_name = {layer.name: layer for layer in catalog.layers}
+        #: weight-bearing modules (or operators) left out, ``{name: reason}``, over the whole model
+        self.skipped: dict[str, str] = dict(catalog.skipped)
+        if layers is not None:
+            chosen = self._resolve(model, catalog, layers)
+        else:
+            chosen = []
+            for layer in catalog.layers:
+                problem = _layer_problem(layer)
+                if problem is not None:
+                    self.skipped[layer.name] = problem
+                elif not layer.kind.penalize:
+                    # Metrics-only kinds (Embedding) are tracked only when named in layers=.
+                    self.skipped[layer.name] = layer.kind.exclusion_reason
+                else:
+                    chosen.append(layer.name)
+        chosen_set = set(chosen)
+        for alias, target in catalog.aliases.items():
+            if target in chosen_set:
+                self.aliases[alias] = target
+            elif layers is None:
+                self.skipped[alias] = f"shares its weight with {target!r}, which is not tracked"
+        if not chosen:
+            raise ValueError("The model has no layer the spectral state can track (registered kinds are listed by "
+                             f"robustcompress.layers.layer_kinds()); skipped: {self.skipped}")
+        if self.skipped:
+            listed = "; ".join(f"{n or '(root)'}: {why}" for n, why in self.skipped.items())
+            warnings.warn(f"SpectralState leaves out {len(self.skipped)} weight-bearing module(s) or operator(s) of "
+                          f"{type(model).__name__} (state.coverage() gives the share tracked): {listed}",
+                          UserWarning, stacklevel=2)
+        self._layers: dict[str, Layer] = {n: by_name[n] for n in chosen}
+        tracked = list(chosen)
+
+        shapes: dict[str, tuple[int, ...]] = {}
+        conv_modules = sorted({self._layers[n].module_name for n in tracked
+                               if getattr(self._layers[n].spec, "conv", None) is not None})
+        if view == "operator" and conv_modules:
+            if input_shapes is not None:
+                shapes = {n: tuple(s) for n, s in input_shapes.items()}
+            elif example_input is not None or input_shape is not None:
+                if example_input is None:
+                    p = next(model.parameters())
+                    example_input = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
+                shapes = record_input_shapes(model, example_input, conv_modules)
+        self._input_shapes = shapes
+        if fold_bn and example_input is None and input_shape is not None:
+            p = next(model.parameters())
+            example_input = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
+        self._bn = _find_bn_successors(model, self._layers, example_input) if fold_bn else {}
+        self._names = tracked
+        self._ops: dict[str, LinearOperator] = {n: self._build_operator(n) for n in tracked}
+
+        gen = torch.Generator().manual_seed(seed)
+        self.layers = nn.ModuleDict()
+        for name in tracked:
+            op = self._ops[name]
+            m, n = op.shape
+            self.layers[_key(name)] = _LayerBuffers(m, n, min(k, m, n), op.dtype, op.device, gen)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self._cache_version = None
+        if init_iter:
+            self.step(init_iter)
+            self.steps.zero_()
+
+    # ------------------------------------------------------------------ access
+    @property
+    def stack_max_numel(self) -> int | None:
+        """Torch back-end: the largest layer (in weights) stacked into a batched product."""
+        return self._torch_backend.stack_max_numel
+
+    @property
+    def model(self) -> nn.Module:
+        """The model this state tracks (not a submodule of the state)."""
+        return self._model
+
+    @property
+    def names(self) -> list[str]:
+        """Tracked layer names, in module order."""
+        return list(self._names)
+
+    @property
+    def head_name(self) -> str | None:
+        """The classifier head's module name: the last module whose layer kind can be a head (tracked or not)."""
+        return registry_head_name(self._model)
+
+    def layer(self, name: str) -> Layer:
+        """The registry's record of the tracked operator ``name`` (module, kind, view, parameters)."""
+        self._buf(name)
+        return self._layers[self.aliases.get(name, name)]
+
+    def is_frozen(self, name: str) -> bool:
+        """True when every stored tensor the operator of ``name`` reads has ``requires_grad=False``."""
+        return not any(t.requires_grad for t in self.operator_tensors(name))
+
+    def operator_tensors(self, name: str) -> list[torch.Tensor]:
+        """The stored tensors the operator of ``name`` reads (gradients of its σ land on these)."""
+        return self.layer(name).parameters
+
+    def coverage(self) -> Coverage:
+        """Tracked / skipped counts, frozen tracked layers and the share of weight elements tracked.
+
+        Example:
+            >>> import warnings
+            >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+            >>> with warnings.catch_warnings():
+            ...     warnings.simplefilter("ignore")
+            ...     cov = SpectralState(model).coverage()
+            >>> cov.tracked, cov.skipped, round(cov.share, 2)
+            (1, 1, 0.29)
+        """
+        weights = {id(p): p.numel() for p in self._model.parameters() if p.dim() >= 2}
+        tracked = {id(t): t.numel() for n in self._names for t in self.operator_tensors(n) if id(t) in weights}
+        frozen = [n for n in self._names if self.is_frozen(n)]
+        return Coverage(len(self._names), len(self.skipped), frozen, sum(tracked.values()), sum(weights.values()))
+
+    def _resolve(self, model: nn.Module, catalog: LayerCatalog, layers: Sequence[str]) -> list[str]:
+        """Explicit ``layers=``: operator names, aliases or module names, in module order."""
+        if isinstance(layers, str):
+            raise TypeError("Expected layers to be a sequence of layer names, but got a single string; wrap it in a list")
+        names = list(layers)
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"Expected layer names to be strings, but got layers={layers!r}")
+        by_module: dict[str, list[str]] = {}
+        for layer in catalog.layers:
+            by_module.setdefault(layer.module_name, []).append(layer.name)
+        for alias, target in catalog.aliases.items():
+            by_module.setdefault(alias, [target])
+        known = set(catalog.names())
+        modules = dict(model.named_modules(remove_duplicate=False))
+        wanted: set[str] = set()
+        for n in names:
+            if n in known:
+                wanted.add(n)
+            elif n in catalog.aliases:
+                wanted.add(catalog.aliases[n])
+            elif n in by_module:
+                wanted.update(by_module[n])
+            elif n in modules:
+                why = catalog.skipped.get(n) or "it holds no weight of its own"
+                raise ValueError(f"Layer {n!r} ({type(modules[n]).__name__}) cannot be tracked: {why}")
+            else:
+                raise ValueError(f"Unknown layer names {[x for x in names if x not in known and x not in modules]}; "
+                                 f"layers of this model: {catalog.names()}")
+        chosen = [layer.name for layer in catalog.layers if layer.name in wanted]
+        for n in chosen:
+            problem = _layer_problem(catalog[n])
+            if problem is not None:
+                raise ValueError(f"Layer {n!r} ({type(catalog[n].module).__name__}) cannot be tracked: {problem}")
+        return chosen
+
+    def _build_operator(self, name: str) -> LinearOperator:
+        layer = self._layers[name]
+        spec = layer.spec
+        bn = self._bn.get(name)
+        if bn is not None:
+            spec = with_row_scale(spec, lambda bn=bn: batchnorm_scale(bn))
+        return operator_from_spec(spec, self.view, self._input_shapes.get(layer.module_name))
+
+    def _buf(self, name: str) -> _LayerBuffers:
+        if name in self.aliases:
+            name = self.aliases[name]
+        if name not in self._ops:
+            raise KeyError(f"Layer {name!r} is not tracked by this SpectralState; tracked: {self._names}")
+        return self.layers[_key(name)]
+
+    def module(self, name: str) -> nn.Module:
+        """The module the tracked operator ``name`` belongs to."""
+        return self.layer(name).module
+
+    def operator(self, name: str) -> LinearOperator:
+        """The operator iterated for ``name`` (BN-folded where applicable)."""
+        self._buf(name)
+        return self._ops[self.aliases.get(name, name)]
+
+    def matrix_operator(self, name: str) -> LinearOperator:
+        """The (BN-folded) matrix view of ``name``: :meth:`operator` in the matrix view, built anew in the operator view."""
+        op = self.operator(name)
+        if self.view == "matrix":
+            return op
+        layer = self.layer(name)
+        spec = layer.spec
+        bn = self.folded_bn(name)
+        if bn is not None:
+            spec = with_row_scale(spec, lambda: batchnorm_scale(bn))
+        return operator_from_spec(spec, "matrix")
+
+    def input_shape(self, name: str) -> tuple[int, ...] | None:
+        """The recorded input shape of a layer (operator view), else None."""
+        if name in self._layers or name in self.aliases:
+            return self._input_shapes.get(self.layer(name).module_name)
+        return self._input_shapes.get(name)
+
+    def folded_bn(self, name: str) -> nn.Module | None:
+        """The BatchNorm folded into ``name``'s operator, if any."""
+        return self._bn.get(self.aliases.get(name, name))
+
+    def k_of(self, name: str) -> int:
+        """Directions tracked for ``name`` (``min(k, m, n)``)."""
+        return self._buf(name).S.numel()
+
+    def sigmas(self, name: str) -> torch.Tensor:
+        """Ritz estimates ``σ₁ ≥ … ≥ σ_k`` (detached): lower bounds of the true singular values."""
+        return self._buf(name).S.detach().clone()
+
+    def vectors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, V)``: left (``m × k``) and right (``n × k``) singular vector estimates, detached."""
+        b = self._buf(name)
+        return b.U.detach().clone(), b.V.detach().clone()
+
+    def sigma(self, name: str) -> torch.Tensor:
+        """``σ₁ ≈ uᵀ W v`` with ``u, v`` detached: differentiable, gradient ``u vᵀ``.
+
+        Always ≤ the true σ₁ (for unit u, v); equal at convergence.
+        """
+        b = self._buf(name)
+        op = self._ops[self.aliases.get(name, name)]
+        u, v = b.U[:, :1].detach(), b.V[:, :1].detach()
+        return (u * op.matvec(v)).sum()
+
+    def top_sigmas(self, name: str) -> torch.Tensor:
+        """Differentiable ``σ_j ≈ u_jᵀ W v_j`` for all k tracked directions."""
+        b = self._buf(name)
+        op = self._ops[self.aliases.get(name, name)]
+        return (b.U.detach() * op.matvec(b.V.detach())).sum(0)
+
+    def frobenius(self, name: str) -> torch.Tensor:
+        """``‖W‖_F`` of the iterated operator (differentiable)."""
+        self._buf(name)
+        return self._ops[self.aliases.get(name, name)].frobenius()
+
+    # ------------------------------------------------------------------ iteration
+    def _check_shapes(self) -> None:
+        for name in self._names:
+            layer = self._layers[name]
+            try:
+                module = self._model.get_submodule(layer.module_name)
+            except AttributeError:
+                raise ValueError(f"Layer {name!r} is no longer in the model; build a new SpectralState") from None
+            if module is not layer.module:
+                # The module was replaced (e.g. by pruning): describe the new one with the same view.
+                views = {v.name: v for v in layer_views(module, self.options)}
+                if layer.view.name not in views:
+                    raise ValueError(f"Layer {name!r} was replaced by a {type(module).__name__} without the operator "
+                                     f"{layer.view.name or 'of the old layer'}; build a new SpectralState")
+                self._layers[name] = Layer(name, layer.module_name, module, layer_kind(module), views[layer.view.name])
+                self._ops[name] = self._build_operator(name)
+            op = self._ops[name]
+            m, n = op.shape
+            buf = self.layers[_key(name)]
+            if buf.V.device != op.device or buf.V.dtype != op.dtype:
+                # The model moved (model.cuda(), model.double()): the warm vectors follow it.
+                buf.to(device=op.device, dtype=op.dtype)
+            if buf.U.shape[0] != m or buf.V.shape[0] != n:
+                raise ValueError(
+                    f"Layer {name!r} changed shape since the SpectralState was built: operator was "
+                    f"{buf.U.shape[0]}×{buf.V.shape[0]}, now {m}×{n}. Build a new SpectralState.")
+
+    def _products(self, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``U₀ = W V`` and ``Y = Wᵀ U₀`` for every layer, each back-end taking the layers it computes."""
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        rest = {n: self._ops[n] for n in names}
+        for backend in self._backends:
+            if not rest:
+                break
+            done = backend.products(rest, {n: self.layers[_key(n)].V for n in rest})
+            out.update(done)
+            rest = {n: op for n, op in rest.items() if n not in done}
+        return out
+
+    @torch.no_grad()
+    def step(self, n_iter: int = 1) -> None:
+        """Run ``n_iter`` warm subspace iterations on every tracked layer.
+
+        Non-finite values are kept out of the buffers. On CUDA each iteration
+        synchronises with the host once or twice (k = 1: to choose the
+        list-wide update; k > 1: CholeskyQR2's QR fallback), and the check
+        that raises or warns once per call.
+
+        Raises:
+            ValueError: a weight holds NaN/Inf (``on_nonfinite="raise"``), or a
+                layer's shape changed since the state was built.
+        """
+        positive_int(n_iter, "n_iter")
+        self._check_shapes()
+        finite_flags: list[torch.Tensor] = []
+        for _ in range(n_iter):
+            products = self._products(self._names)
+            by_k: dict[tuple, list[str]] = {}
+            for name in self._names:
+                u0 = products[name][0]
+                by_k.setdefault((u0.shape[1], str(u0.device), u0.dtype), []).append(name)
+            flags = {}
+            for (k, _, _), members in by_k.items():
+                update = self._power_update if k == 1 else self._ritz_update
+                flags.update(update(members, products))
+            finite_flags.append(torch.stack([flags[n].to(self.steps.device) for n in self._names]))
+            self.steps += 1
+        ok = torch.stack(finite_flags).all(0).tolist()
+        bad = [n for n, good in zip(self._names, ok) if not good]
+        if bad:
+            msg = (f"Non-finite values (NaN/Inf) in the weights of layer(s) {bad}; "
+                   "their spectral state was left unchanged")
+            if self.on_nonfinite == "raise":
+                raise ValueError(msg + " (pass on_nonfinite='skip' to warn instead)")
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+    def _power_update(self, members: list[str], products) -> dict[str, torch.Tensor]:
+        """k = 1: u = W v / ‖W v‖, v ← WᵀW v / ‖WᵀW v‖, σ = uᵀ W v_new = ‖WᵀW v‖ / ‖W v‖.
+
+        That σ is exactly what :meth:`sigma` evaluates right after the step
+        (so penalties can use it without another product) and lies between the
+        Ritz value ``‖W v‖`` and the true σ₁ (Cauchy–Schwarz; ``u`` is a unit vector).
+        """
+        bufs = [self.layers[_key(n)] for n in members]
+        u0s = [products[n][0] for n in members]
+        ys = [products[n][1] for n in members]
+        # List-wide (foreach) operations: the cost per layer is a few
+        # microseconds, not a dozen small-tensor calls.
+        s = torch.stack(torch._foreach_norm(u0s))
+        yn = torch.stack(torch._foreach_norm(ys))
+        tiny = torch.finfo(s.dtype).tiny
+        ok = torch.isfinite(s) & torch.isfinite(yn)
+        live = ok & (s > tiny) & (yn > tiny)
+        if bool(live.all()):
+            norms = torch.cat([s, yn]).tolist()
+            torch._foreach_copy_([b.U for b in bufs], torch._foreach_div(u0s, norms[: len(bufs)]))
+            torch._foreach_copy_([b.V for b in bufs], torch._foreach_div(ys, norms[len(bufs):]))
+            torch._foreach_copy_([b.S for b in bufs], list((yn / s).reshape(-1, 1).unbind(0)))
+            return dict(zip(members, ok.unbind(0)))
+        flags = {}
+        for i, (name, buf) in enumerate(zip(members, bufs)):
+            # σ = 0 (a zero matrix) has no singular vectors, and non-finite
+            # weights none worth keeping: keep the previous ones.
+            buf.U.copy_(torch.where(live[i], u0s[i] / s[i].clamp_min(tiny), buf.U))
+            buf.V.copy_(torch.where(live[i], ys[i] / yn[i].clamp_min(tiny), buf.V))
+            buf.S.copy_(torch.where(live[i], yn[i] / s[i].clamp_min(tiny), torch.where(ok[i], s[i], buf.S[0])).reshape(1))
+            flags[name] = ok[i]
+        return flags
+
+    def _ritz_update(self, members: list[str], products) -> dict[str, torch.Tensor]:
+        """k > 1: Rayleigh–Ritz on span(V), G = U₀ᵀU₀ = VᵀWᵀWV, batched over layers."""
+        grams = torch.stack([products[n][0].T @ products[n][0] for n in members])
+        finite = torch.isfinite(grams).flatten(1).all(1)
+        grams = torch.where(finite[:, None, None], grams, torch.zeros_like(grams))
+        lam, q = torch.linalg.eigh(grams)
+        lam, q = lam.flip(-1), q.flip(-1)
+        sig = lam.clamp_min(0).sqrt()
+        tiny = torch.finfo(sig.dtype).eps * sig[:, :1].clamp_min(torch.finfo(sig.dtype).tiny) * 16
+        flags = {}
+        for i, name in enumerate(members):
+            buf = self.layers[_key(name)]
+            u0, y = products[name]
+            ok = finite[i] & torch.isfinite(y).all()
+            flags[name] = ok
+            qi, s = q[i], sig[i]
+            # Directions with σ ≈ 0 carry no singular vectors: keep the previous ones.
+            live = (s > tiny[i]) & ok
+            u_new = torch.where(live[None, :], (u0 @ qi) / s.clamp_min(torch.finfo(s.dtype).tiny), buf.U)
+            y_rot = torch.where(live[None, :], y @ qi, buf.V @ qi)
+            v_new = cholesky_qr2(torch.where(ok, y_rot, buf.V))
+            buf.U.copy_(u_new)
+            buf.V.copy_(torch.where(ok, v_new, buf.V))
+            buf.S.copy_(torch.where(ok, s, buf.S))
+        return flags
+
+    def extra_repr(self) -> str:
+        return f"layers={len(self._names)}, k={self.k}, view={self.view!r}, fold_bn={self.fold_bn}"
