@@ -121,15 +121,21 @@ def test_gram_upper_bound_is_above_and_tight():
 
 
 def _drifting_model(seed: int) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(*[nn.Linear(40, 40, bias=False) for _ in range(6)])
+    layers = []
+    for i in range(6):
+        layer = nn.Linear(40, 40, bias=False).double()
+        with torch.no_grad():
+            layer.weight.copy_(_planted(40, 40, 0.93, seed=seed * 10 + i))
+        layers.append(layer)
+    return nn.Sequential(*layers)
 
 
 def _drift(model: nn.Module, step: int) -> None:
+    """Half the layers drift (as under a large learning rate), half stay put."""
     with torch.no_grad():
         for i, layer in enumerate(model):
             g = torch.Generator().manual_seed(1000 * step + i)
-            layer.weight.add_(torch.randn(layer.weight.shape, generator=g), alpha=0.05 * (i % 3))
+            layer.weight.add_(torch.randn(layer.weight.shape, generator=g, dtype=torch.float64), alpha=0.03 * (i % 2))
 
 
 def test_refinement_spends_at_most_its_budget_on_the_worst_layers():

@@ -198,9 +198,10 @@ def gram_upper_bound(matrix: torch.Tensor, n_iter: int = 6) -> torch.Tensor:
         True
     """
     g = matrix.detach().to(torch.float64)
-    f0 = torch.linalg.matrix_norm(g)
+    # σ_1(W) = c · σ_1(W/c): scale by the largest entry first so neither the
+    # norm nor the first Gram product can overflow.
+    f0 = g.abs().amax(dim=(-2, -1))
     f0 = torch.where(f0 == 0, torch.ones_like(f0), f0)
-    # σ_1(W) = ‖W‖_F · σ_1(W/‖W‖_F): scale first so the first Gram product cannot overflow.
     g = g / f0[..., None, None]
     ell = torch.log(f0)
     g = g @ g.mT if g.shape[-2] < g.shape[-1] else g.mT @ g
