@@ -747,10 +747,10 @@ class SpectralState(nn.Module):
         ``inf`` before the first iteration and for directions with ``s ≈ 0``.
 
         Example:
-            >>> model = nn.Sequential(nn.Linear(6, 4))
-            >>> state = SpectralState(model, init_iter=100)
+            >>> model = nn.Sequential(nn.Linear(5, 5))
+            >>> state = SpectralState(model, init_iter=3)
             >>> lo, hi = state.residual_interval("0")[0].tolist()
-            >>> true = torch.linalg.svdvals(model[0].weight.double())
+            >>> true = torch.linalg.svdvals(model[0].weight.detach().double())
             >>> bool(((true >= lo - 1e-6) & (true <= hi + 1e-6)).any())
             True
         """
@@ -784,7 +784,7 @@ class SpectralState(nn.Module):
             >>> model = nn.Sequential(nn.Linear(8, 5))
             >>> state = SpectralState(model, k=2)
             >>> lo, hi = state.sigma1_bounds("0")
-            >>> s1 = float(torch.linalg.svdvals(model[0].weight.double())[0])
+            >>> s1 = float(torch.linalg.svdvals(model[0].weight.detach().double())[0])
             >>> lo <= s1 * (1 + 1e-6) and s1 <= hi * (1 + 1e-6)
             True
         """
