@@ -28,8 +28,18 @@ from .registry import (
     register_layer_kind,
     unregister_layer_kind,
 )
-from .specs import ConvGeometry, LoRASpec, LowRankSpec, MatrixSpec, batchnorm_scale, check_spec, with_row_scale
-from . import builtin, recurrent  # noqa: F401,E402 - register the built-in kinds
+from .specs import (
+    ConvGeometry,
+    LoRASpec,
+    LowRankSpec,
+    MatrixSpec,
+    batchnorm_scale,
+    check_spec,
+    slice_cols,
+    slice_rows,
+    with_row_scale,
+)
+from . import adapters, attention, builtin, recurrent  # noqa: F401,E402 - register the built-in kinds
 from .builtin import weight_of
 
 __all__ = [
@@ -53,6 +63,8 @@ __all__ = [
     "layer_kinds",
     "layer_views",
     "register_layer_kind",
+    "slice_cols",
+    "slice_rows",
     "to_dense",
     "to_low_rank",
     "unregister_layer_kind",

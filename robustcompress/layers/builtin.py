@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .lowrank import LowRankConv2d, LowRankLinear
 from .registry import LayerKind, LayerView, ViewOptions, register_layer_kind
@@ -59,7 +60,7 @@ def weight_of(module: nn.Module, name: str = "weight") -> tuple[Callable[[], tor
     for hook in module._forward_pre_hooks.values():
         # The hook-based torch.nn.utils.weight_norm keeps `weight` as a stale
         # attribute refreshed only in forward: recompute it from g and v.
-        if isinstance(hook, torch.nn.utils.weight_norm.WeightNorm) and hook.name == name:
+        if isinstance(hook, WeightNorm) and hook.name == name:
             return (lambda: hook.compute_weight(module)), (f"{name}_g", f"{name}_v")
     if not isinstance(module._parameters.get(name), nn.Parameter):
         raise ValueError(f"{type(module).__name__}.{name} is not a parameter or a parametrized weight")

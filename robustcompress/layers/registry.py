@@ -18,7 +18,8 @@ rest of the package needs to know, so nothing else asks
 * ``penalize``: whether penalties act on it by default (``False`` with an
   ``exclusion_reason`` for metrics-only kinds such as Embedding);
 * ``claims_children``: its views cover its submodules' weights (packed
-  attention, LoRA wrappers), so discovery does not descend into them.
+  attention, LoRA wrappers), so discovery does not descend into them (a
+  bool, or ``(module, options) -> bool`` when it depends on the options).
 
 Public API (small on purpose):
 
@@ -135,11 +136,15 @@ class LayerView:
         spec: the operator descriptor.
         params: names (relative to the module, as in ``named_parameters``)
             of the parameters the operator reads.
+        penalize: False for a view left out of penalties inside a penalised
+            kind (a submodule's metrics-only view, e.g. T5's relative position
+            bias inside an attention block).
     """
 
     name: str
     spec: Spec
     params: tuple[str, ...]
+    penalize: bool = True
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,12 @@ class LayerKind:
     truncate: str = "none"
     penalize: bool = True
     exclusion_reason: str = ""
-    claims_children: bool = False
+    claims_children: bool | Callable[[nn.Module, ViewOptions], bool] = False
+
+    def claims(self, module: nn.Module, options: ViewOptions) -> bool:
+        """Whether this kind's views cover ``module``'s submodules under ``options``."""
+        c = self.claims_children
+        return bool(c(module, options)) if callable(c) else bool(c)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -204,7 +214,15 @@ class Layer:
 
     @property
     def penalize(self) -> bool:
-        return self.kind.penalize
+        """Whether penalties act on this operator by default (see :attr:`exclusion_reason`)."""
+        return self.kind.penalize and self.view.penalize
+
+    @property
+    def exclusion_reason(self) -> str:
+        """Why penalties leave this operator out by default (``""`` when they do not)."""
+        if self.penalize:
+            return ""
+        return self.kind.exclusion_reason or "a metrics-only submodule view (see its own layer kind)"
 
 
 @dataclass
@@ -409,7 +427,7 @@ def find_layers(model: nn.Module, options: ViewOptions | None = None) -> LayerCa
                 catalog.skipped[mname] = (f"no registered layer kind for {_qualname(type(module))} "
                                           f"(weights {own}); see robustcompress.layers.register_layer_kind")
             continue
-        if kind.claims_children:
+        if kind.claims(module, options):
             claimed.append(mname)
         where = f"{mname or '<model>'} ({type(module).__name__})"
         for view in _checked_views(kind, module, options, where):
@@ -438,7 +456,7 @@ def _is_parametrization(module: nn.Module) -> bool:
     return type(module).__name__ == "ParametrizationList"
 
 
-def head_name(model: nn.Module) -> str | None:
+def head_name(model: nn.Module, options: ViewOptions | None = None) -> str | None:
     """The classifier head: the last module in module order whose kind can be a head.
 
     Example:
@@ -453,7 +471,7 @@ def head_name(model: nn.Module) -> str | None:
         kind = layer_kind(module)
         if kind is None:
             continue
-        if kind.claims_children:
+        if kind.claims(module, options or ViewOptions()):
             claimed.append(mname)
         if kind.can_be_head:
             last = mname

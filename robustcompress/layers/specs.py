@@ -45,6 +45,8 @@ __all__ = [
     "batchnorm_scale",
     "with_row_scale",
     "check_spec",
+    "slice_rows",
+    "slice_cols",
 ]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -316,3 +318,56 @@ def check_spec(spec: Spec, where: str) -> tuple[int, int]:
         if s.dim() != 1 or s.numel() != shape[0]:
             raise ValueError(f"{where}: the row scale has shape {tuple(s.shape)} but the operator has {shape[0]} rows")
     return shape
+
+
+def _compose(outer: slice | None, inner: slice, size: int) -> slice:
+    r = range(size)
+    if outer is not None:
+        r = r[outer]
+    r = r[inner]
+    if r.step < 0 or len(r) == 0:
+        raise ValueError(f"Slice {inner} of {outer} (size {size}) is empty or reversed")
+    return slice(r.start, r.start + len(r) * r.step, r.step)
+
+
+def slice_rows(spec: Spec, rows: slice) -> Spec:
+    """The operator's rows ``rows`` (a part of a packed projection), still a view of the stored tensors.
+
+    ``LoRA``: ``(W₀ + sBA)[rows] = W₀[rows] + s·B[rows]·A``; low-rank: ``(BA)[rows] = B[rows]·A``.
+
+    Example:
+        >>> spec = slice_rows(MatrixSpec(lambda: torch.arange(12.).reshape(6, 2)), slice(2, 4))
+        >>> spec.matrix().tolist()
+        [[4.0, 5.0], [6.0, 7.0]]
+    """
+    if isinstance(spec, MatrixSpec):
+        if spec.groups != 1 or spec.row_scale is not None:
+            raise ValueError("Only ungrouped, unscaled matrix views can be sliced")
+        full = _orient(spec.weight(), spec.transpose).shape[0]
+        return dataclasses.replace(spec, rows=_compose(spec.rows, rows, full), conv=None)
+    if isinstance(spec, LowRankSpec):
+        if spec.row_scale is not None:
+            raise ValueError("A row-scaled low-rank view cannot be sliced")
+        return dataclasses.replace(spec, b=slice_rows(spec.b, rows), conv=None)
+    if isinstance(spec, LoRASpec):
+        return dataclasses.replace(spec, base=slice_rows(spec.base, rows), b=slice_rows(spec.b, rows))
+    raise TypeError(f"Expected an operator descriptor, but got {type(spec).__name__}")
+
+
+def slice_cols(spec: Spec, cols: slice) -> Spec:
+    """The operator's columns ``cols``, still a view of the stored tensors (see :func:`slice_rows`).
+
+    Example:
+        >>> slice_cols(MatrixSpec(lambda: torch.zeros(3, 8)), slice(0, 4)).shape
+        (3, 4)
+    """
+    if isinstance(spec, MatrixSpec):
+        if spec.groups != 1:
+            raise ValueError("Only ungrouped matrix views can be sliced")
+        full = _orient(spec.weight(), spec.transpose).shape[1]
+        return dataclasses.replace(spec, cols=_compose(spec.cols, cols, full), conv=None)
+    if isinstance(spec, LowRankSpec):
+        return dataclasses.replace(spec, a=slice_cols(spec.a, cols), conv=None)
+    if isinstance(spec, LoRASpec):
+        return dataclasses.replace(spec, base=slice_cols(spec.base, cols), a=slice_cols(spec.a, cols))
+    raise TypeError(f"Expected an operator descriptor, but got {type(spec).__name__}")

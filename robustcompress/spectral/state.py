@@ -29,33 +29,46 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .._checks import nonnegative_float, nonnegative_int, positive_int
-from ..layers import LowRankConv2d, LowRankLinear
+from ..layers import Layer, LayerCatalog, ViewOptions, batchnorm_scale, find_layers, layer_kind, layer_views
+from ..layers import head_name as registry_head_name
+from ..layers import with_row_scale
 from .backends import FusedBackend, ProductBackend, TorchBackend
 from .iteration import cholesky_qr2, gram_upper_bound, power_step, ritz_step
-from .views import SUPPORTED_LAYERS, LinearOperator, LowRankView, MatrixView, operator_for
+from .views import LinearOperator, operator_from_spec
 
-__all__ = ["SpectralState", "Coverage", "Discovery", "discover_layers", "operator_tensors", "record_input_shapes",
-           "unsupported_reason"]
+__all__ = ["SpectralState", "Coverage", "record_input_shapes", "unsupported_reason", "observed_forward"]
 
-_REFUSED = {
-    nn.Conv3d: "Conv3d is not supported yet",
-    nn.ConvTranspose1d: "ConvTranspose layers are not supported yet",
-    nn.ConvTranspose2d: "ConvTranspose layers are not supported yet",
-    nn.ConvTranspose3d: "ConvTranspose layers are not supported yet",
-    nn.Embedding: "Embedding is not supported (a lookup table, not an operator on the input)",
-    nn.EmbeddingBag: "EmbeddingBag is not supported",
-    nn.MultiheadAttention: "attention has no fixed linear operator; not supported",
-    nn.Bilinear: "Bilinear is not a linear operator of its input; not supported",
-}
+
+@contextlib.contextmanager
+def observed_forward() -> Iterator[None]:
+    """A context in which every submodule's forward runs, so module hooks see every layer.
+
+    Inference fast paths (``nn.TransformerEncoderLayer`` and
+    ``nn.MultiheadAttention`` in eval mode without gradients) compute the whole
+    block in one fused call and skip their submodules' forwards and hooks;
+    they are turned off inside the context and restored after it.
+
+    Example:
+        >>> with observed_forward():
+        ...     torch.backends.mha.get_fastpath_enabled()
+        False
+    """
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def record_input_shapes(model: nn.Module, example_input: torch.Tensor,
@@ -63,131 +76,80 @@ def record_input_shapes(model: nn.Module, example_input: torch.Tensor,
     """Run one forward pass and record each layer's input shape (batch dimension dropped).
 
     The model's train/eval mode is restored and no gradient is recorded.
+    Modules whose first input is not a tensor (a ``PackedSequence``) are not recorded.
 
     Args:
         model: the network.
         example_input: one batch as the model takes it.
-        modules: names to record (default: every supported layer).
+        modules: module names to record (default: every module with a registered layer kind).
 
     Returns:
-        ``{name: input_shape}``.
+        ``{module name: input_shape}``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2))
+        >>> record_input_shapes(model, torch.zeros(1, 1, 4, 4))
+        {'0': (1, 4, 4), '2': (8,)}
     """
     named = dict(model.named_modules())
-    wanted = list(modules) if modules is not None else [n for n, m in named.items() if isinstance(m, SUPPORTED_LAYERS)]
+    layered = [n for n, m in named.items() if layer_kind(m) is not None]
+    wanted = list(modules) if modules is not None else layered
     unknown = [n for n in wanted if n not in named]
     if unknown:
-        raise ValueError(f"Unknown module names {unknown}; layers of this model: "
-                         f"{[n for n, m in named.items() if isinstance(m, SUPPORTED_LAYERS)]}")
+        raise ValueError(f"Unknown module names {unknown}; layers of this model: {layered}")
     shapes: dict[str, tuple[int, ...]] = {}
-    _observe_forward(model, example_input, wanted,
-                     lambda name, args, out: shapes.setdefault(name, tuple(args[0].shape[1:])))
+
+    def observe(name: str, args: tuple, out: object) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            shapes.setdefault(name, tuple(args[0].shape[1:]))
+    _observe_forward(model, example_input, wanted, observe)
     return shapes
 
 
 def _observe_forward(model: nn.Module, example_input: torch.Tensor, names: Iterable[str],
-                     observe: Callable[[str, tuple, torch.Tensor], object]) -> None:
+                     observe: Callable[[str, tuple, object], object]) -> None:
     """One eval-mode, no-grad forward pass calling ``observe(name, args, output)`` for each named module.
 
-    The hooks never change an output, are always removed, and the model's
-    train/eval mode is restored, also on error.
+    The hooks never change an output, are always removed, and every module's
+    train/eval mode is restored, also on error. Inference fast paths are off
+    (:func:`observed_forward`) so every hook runs.
     """
     handles = []
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     try:
         for name in names:
             def hook(mod, args, out, name=name) -> None:
                 observe(name, args, out)
             handles.append(model.get_submodule(name).register_forward_hook(hook))
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), observed_forward():
             model(example_input)
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
         for h in handles:
             h.remove()
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
-    """Why the spectral state cannot track ``module``.
+    """Why penalties leave ``module`` out by default, from the layer registry.
 
     Returns:
-        None if it is a supported layer; ``""`` if it holds no weight of its
-        own (containers, activations, …); otherwise the reason, for messages.
-    """
-    from torch.nn.utils import parametrize
-
-    if parametrize.is_parametrized(module):
-        return "parametrized modules (torch.nn.utils.parametrize, e.g. weight_norm/spectral_norm) are not supported"
-    if hasattr(module, "weight_g") and hasattr(module, "weight_v"):
-        return "weight_norm'ed modules are not supported"
-    for t, why in _REFUSED.items():
-        if type(module) is t:
-            return why
-    if isinstance(module, SUPPORTED_LAYERS):
-        w = module.weight_a if isinstance(module, (LowRankLinear, LowRankConv2d)) else module.weight
-        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-            return f"its weight is not a floating-point tensor (dtype={getattr(w, 'dtype', None)})"
-        if w.numel() == 0:
-            return "its weight is empty"
-        if "lora" in type(module).__name__.lower():
-            return "LoRA adapters are not supported"
-        return None
-    if "lora" in type(module).__name__.lower():
-        return "LoRA adapters are not supported"
-    return ""
-
-
-def operator_tensors(module: nn.Module) -> list[torch.Tensor]:
-    """The stored tensors a supported layer's operator reads (its weight, or both low-rank factors).
+        None for a module with a registered layer kind that penalties act on;
+        ``""`` if it holds no weight of its own (containers, activations, …);
+        otherwise the reason (a metrics-only kind, or no registered kind), for messages.
 
     Example:
-        >>> [tuple(t.shape) for t in operator_tensors(nn.Linear(3, 2))]
-        [(2, 3)]
+        >>> unsupported_reason(nn.Linear(2, 2)) is None, unsupported_reason(nn.ReLU())
+        (True, '')
     """
-    if isinstance(module, (LowRankLinear, LowRankConv2d)):
-        return [module.weight_a, module.weight_b]
-    if isinstance(module, SUPPORTED_LAYERS):
-        return [module.weight]
-    raise TypeError(f"{type(module).__name__} is not a layer the spectral state tracks")
-
-
-def _own_weights(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters(recurse=False) if p.dim() >= 2]
-
-
-@dataclass(frozen=True)
-class Discovery:
-    """The layers of a model the spectral state can track, and the weight-bearing modules it cannot."""
-
-    #: trackable module names in module order (a module used twice appears under every name)
-    layers: list[str]
-    #: ``{name: reason}`` of weight-bearing modules left out
-    skipped: dict[str, str]
-
-
-def discover_layers(model: nn.Module) -> Discovery:
-    """Find the trackable layers of ``model`` and list every weight-bearing module left out, with the reason.
-
-    A module is weight-bearing when it holds a parameter with two or more
-    axes of its own; one that no layer kind covers is listed with its type name.
-
-    Example:
-        >>> found = discover_layers(nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 2)))
-        >>> found.layers, list(found.skipped)
-        (['1'], ['0'])
-    """
-    layers: list[str] = []
-    skipped: dict[str, str] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        reason = unsupported_reason(module)
-        if reason is None:
-            layers.append(name)
-        elif reason:
-            skipped[name] = reason
-        elif _own_weights(module):
-            params = ", ".join(n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2)
-            skipped[name] = f"no layer kind is registered for {type(module).__name__} (holds {params})"
-    return Discovery(layers, skipped)
+    kind = layer_kind(module)
+    if kind is not None:
+        return None if kind.penalize else kind.exclusion_reason
+    own = [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+    if not own:
+        return ""
+    return f"no registered layer kind for {type(module).__name__} (weights {own})"
 
 
 @dataclass(frozen=True)
@@ -196,7 +158,8 @@ class Coverage:
 
     ``share = tracked_elements / weight_elements``: the elements of the
     model's parameters with two or more axes (each tensor counted once) that
-    some tracked operator reads.
+    some tracked operator reads. ``frozen`` lists the tracked layers whose
+    parameters all have ``requires_grad=False`` (penalties leave them out).
     """
 
     tracked: int
@@ -211,40 +174,57 @@ class Coverage:
         return self.tracked_elements / self.weight_elements if self.weight_elements else 1.0
 
 
-def _find_bn_successors(model: nn.Module, names: Sequence[str],
-                        example_input: torch.Tensor | None = None) -> dict[str, nn.Module]:
-    """Layers whose only consumer is a BatchNorm over their output channels, found with torch.fx.
+def _layer_problem(layer: Layer) -> str | None:
+    params = layer.parameters
+    if any(not p.is_floating_point() for p in params):
+        return f"its weight is not a floating-point tensor (dtype={params[0].dtype})"
+    if any(p.numel() == 0 for p in params):
+        return "its weight is empty"
+    return None
 
-    BatchNorm scales dim 1. For a convolution that is its output-channel axis;
-    for a Linear only when its output is ``(N, F)`` — on ``(N, L, F)`` the
-    Linear acts on the last axis and BN on ``L``, and ``diag(s)·W`` would be
-    the wrong operator. The feature counts must match; with an example input
-    the Linear's output rank is checked too.
+
+def _find_bn_successors(model: nn.Module, layers: dict[str, Layer],
+                        example_input: torch.Tensor | None = None) -> dict[str, nn.Module]:
+    """Single-operator layers whose only consumer is a BatchNorm over their output features, found with torch.fx.
+
+    BatchNorm scales dim 1. The layer kind says where that is its feature
+    axis (``fold_norm``): ``"channels"`` (a convolution's output channels, any
+    rank), ``"features"`` (a Linear, only when its output is ``(N, F)`` — on
+    ``(N, L, F)`` the BN would act on ``L``). The feature counts must match;
+    with an example input the output rank is checked too.
+
+    Returns:
+        ``{layer name: BatchNorm}``.
     """
+    by_module = {layer.module_name: layer for layer in layers.values()
+                 if layer.kind.fold_norm is not None and layer.view.name == ""}
+    if not by_module:
+        return {}
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception:  # noqa: BLE001 - an untraceable model simply gets no folding
         return {}
     ranks: dict[str, int] = {}
     if example_input is not None:
-        _observe_forward(model, example_input, names, lambda name, args, out: ranks.setdefault(name, out.dim()))
+        def observe(name: str, args: tuple, out: object) -> None:
+            if isinstance(out, torch.Tensor):
+                ranks.setdefault(name, out.dim())
+        _observe_forward(model, example_input, list(by_module), observe)
     named = dict(model.named_modules())
-    wanted = set(names)
     found = {}
     for node in gm.graph.nodes:
-        if node.op != "call_module" or node.target not in wanted or len(node.users) != 1:
+        if node.op != "call_module" or node.target not in by_module or len(node.users) != 1:
             continue
         (user,) = node.users
         bn = named.get(user.target) if user.op == "call_module" else None
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats or bn.running_var is None:
             continue
-        layer = named[node.target]
-        if isinstance(layer, (nn.Linear, LowRankLinear)):
-            if bn.num_features != layer.out_features or ranks.get(node.target, 2) != 2:
-                continue
-        elif bn.num_features != layer.out_channels if hasattr(layer, "out_channels") else True:
+        layer = by_module[node.target]
+        if bn.num_features != layer.spec.shape[0]:
             continue
-        found[node.target] = bn
+        if layer.kind.fold_norm == "features" and ranks.get(node.target, 2) != 2:
+            continue
+        found[layer.name] = bn
     return found
 
 
@@ -279,8 +259,11 @@ class SpectralState(nn.Module):
     Args:
         model: the network.
         k: directions tracked per layer (clamped to ``min(m, n)`` per layer).
-        layers: names to track (default: every supported layer). Naming an
-            unknown or unsupported module is an error.
+        layers: names to track: operator names (``"attn.q"``) or module names
+            (all of the module's operators). Default: every layer whose kind
+            penalties act on; metrics-only kinds (Embedding, and a head tied to
+            it) are tracked only when named. Naming an unknown module, or one
+            with no registered layer kind, is an error.
         view: ``"matrix"`` (weights as ``out × (in·k…)``, cheap) or
             ``"operator"`` (convolutions as the map at their real input size).
         input_shape: the model's input shape without batch dimension (operator view).
@@ -306,6 +289,16 @@ class SpectralState(nn.Module):
             the number of tracked layers, spent on the unconverged layers of the
             previous step (0: off). E.g. 0.5 with 40 layers: at most 20 extra.
         seed: seed of the random starting vectors.
+        attention: ``"projections"`` (Q, K, V, O as four matrices) or
+            ``"circuits"`` (per head ``W_O^h W_V^h`` and ``W_Q^hᵀ W_K^h``); see
+            :class:`robustcompress.layers.ViewOptions`.
+
+    Layers are found through the layer registry (:mod:`robustcompress.layers`):
+    a module kind with one operator is tracked under the module's name, one
+    with several (attention Q/K/V/O, recurrent gates) under
+    ``f"{module}.{view}"``. Weight-bearing modules left out are listed in
+    :attr:`skipped` with the reason, and building the state warns once when
+    there are any (:meth:`coverage` gives the share of weights tracked).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -330,6 +323,7 @@ class SpectralState(nn.Module):
         init_iter: int = 10,
         seed: int = 0,
         stack_max_numel: int | None = None,
+        attention: str = "projections",
         refine_tol: float = 1e-3,
         refine_budget: float = 0.0,
     ) -> None:
@@ -359,66 +353,59 @@ class SpectralState(nn.Module):
             self._backends.insert(0, FusedBackend(strict=backend == "triton"))
         self.aliases: dict[str, str] = {}
 
-        # remove_duplicate=False: a module used twice (tied weights) is seen under both names.
-        named = dict(model.named_modules(remove_duplicate=False))
-        found = discover_layers(model)
-        #: weight-bearing modules left out, ``{name: reason}`` (the whole model, whatever ``layers`` selects)
-        self.skipped: dict[str, str] = dict(found.skipped)
+        self.options = ViewOptions(attention=attention)
+        catalog = find_layers(model, self.options)
+        by_name = {layer.name: layer for layer in catalog.layers}
+        #: weight-bearing modules (or operators) left out, ``{name: reason}``, over the whole model
+        self.skipped: dict[str, str] = dict(catalog.skipped)
         if layers is not None:
-            if isinstance(layers, str):
-                raise TypeError("Expected layers to be a sequence of layer names, but got a single string; wrap it in a list")
-            unknown = [n for n in layers if n not in named]
-            if unknown:
-                raise ValueError(f"Unknown layer names {unknown}; supported layers of this model: {found.layers}")
-            for n in layers:
-                reason = unsupported_reason(named[n])
-                if reason is not None:
-                    raise ValueError(f"Layer {n!r} ({type(named[n]).__name__}) cannot be tracked: "
-                                     f"{reason or 'it holds no weight of its own'}")
-            candidates = list(layers)
+            chosen = self._resolve(model, catalog, layers)
         else:
-            candidates = list(found.layers)
-
-        # Tied weights (one Parameter in two layers) are one operator: track the first.
-        seen: dict[int, str] = {}
-        tracked = []
-        self._tensors: dict[str, list[torch.Tensor]] = {}
-        for name in candidates:
-            tensors = operator_tensors(named[name])
-            pid = id(tensors[0])
-            if pid in seen:
-                self.aliases[name] = seen[pid]
-                continue
-            seen[pid] = name
-            tracked.append(name)
-            self._tensors[name] = tensors
-        if not tracked:
-            raise ValueError("The model has no layer the spectral state can track "
-                             f"(supported: {', '.join(t.__name__ for t in SUPPORTED_LAYERS)}); skipped: {self.skipped}")
+            chosen = []
+            for layer in catalog.layers:
+                problem = _layer_problem(layer)
+                if problem is not None:
+                    self.skipped[layer.name] = problem
+                elif not layer.kind.penalize:
+                    # Metrics-only kinds (Embedding) are tracked only when named in layers=.
+                    self.skipped[layer.name] = layer.kind.exclusion_reason
+                else:
+                    chosen.append(layer.name)
+        chosen_set = set(chosen)
+        for alias, target in catalog.aliases.items():
+            if target in chosen_set:
+                self.aliases[alias] = target
+            elif layers is None:
+                self.skipped[alias] = f"shares its weight with {target!r}, which is not tracked"
+        if not chosen:
+            raise ValueError("The model has no layer the spectral state can track (registered kinds are listed by "
+                             f"robustcompress.layers.layer_kinds()); skipped: {self.skipped}")
         if self.skipped:
-            listed = "; ".join(f"{n or '(root)'} ({type(named[n]).__name__}): {why}" for n, why in self.skipped.items())
-            warnings.warn(f"SpectralState leaves out {len(self.skipped)} weight-bearing module(s) of "
+            listed = "; ".join(f"{n or '(root)'}: {why}" for n, why in self.skipped.items())
+            warnings.warn(f"SpectralState leaves out {len(self.skipped)} weight-bearing module(s) or operator(s) of "
                           f"{type(model).__name__} (state.coverage() gives the share tracked): {listed}",
                           UserWarning, stacklevel=2)
+        self._layers: dict[str, Layer] = {n: by_name[n] for n in chosen}
+        tracked = list(chosen)
 
         shapes: dict[str, tuple[int, ...]] = {}
-        if view == "operator":
+        conv_modules = sorted({self._layers[n].module_name for n in tracked
+                               if getattr(self._layers[n].spec, "conv", None) is not None})
+        if view == "operator" and conv_modules:
             if input_shapes is not None:
                 shapes = {n: tuple(s) for n, s in input_shapes.items()}
             elif example_input is not None or input_shape is not None:
                 if example_input is None:
                     p = next(model.parameters())
                     example_input = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
-                shapes = record_input_shapes(model, example_input, tracked)
+                shapes = record_input_shapes(model, example_input, conv_modules)
         self._input_shapes = shapes
         if fold_bn and example_input is None and input_shape is not None:
             p = next(model.parameters())
             example_input = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
-        self._bn = _find_bn_successors(model, tracked, example_input) if fold_bn else {}
+        self._bn = _find_bn_successors(model, self._layers, example_input) if fold_bn else {}
         self._names = tracked
-        self._ops: dict[str, LinearOperator] = {}
-        for name in tracked:
-            self._ops[name] = operator_for(named[name], view, shapes.get(name), self._bn.get(name))
+        self._ops: dict[str, LinearOperator] = {n: self._build_operator(n) for n in tracked}
 
         gen = torch.Generator().manual_seed(seed)
         self.refine_tol = nonnegative_float(refine_tol, "refine_tol")
@@ -456,22 +443,21 @@ class SpectralState(nn.Module):
 
     @property
     def head_name(self) -> str | None:
-        """The classifier head: the model's last supported layer in module order (tracked or not)."""
-        last = None
-        for name, module in self._model.named_modules():
-            if unsupported_reason(module) is None:
-                last = name
-        return last
+        """The classifier head's module name: the last module whose layer kind can be a head (tracked or not)."""
+        return registry_head_name(self._model)
+
+    def layer(self, name: str) -> Layer:
+        """The registry's record of the tracked operator ``name`` (module, kind, view, parameters)."""
+        self._buf(name)
+        return self._layers[self.aliases.get(name, name)]
 
     def is_frozen(self, name: str) -> bool:
         """True when every stored tensor the operator of ``name`` reads has ``requires_grad=False``."""
-        self._buf(name)
-        return not any(t.requires_grad for t in self._tensors[self.aliases.get(name, name)])
+        return not any(t.requires_grad for t in self.operator_tensors(name))
 
     def operator_tensors(self, name: str) -> list[torch.Tensor]:
         """The stored tensors the operator of ``name`` reads (gradients of its σ land on these)."""
-        self._buf(name)
-        return list(self._tensors[self.aliases.get(name, name)])
+        return self.layer(name).parameters
 
     def coverage(self) -> Coverage:
         """Tracked / skipped counts, frozen tracked layers and the share of weight elements tracked.
@@ -486,9 +472,52 @@ class SpectralState(nn.Module):
             (1, 1, 0.29)
         """
         weights = {id(p): p.numel() for p in self._model.parameters() if p.dim() >= 2}
-        tracked = {id(t): t.numel() for ts in self._tensors.values() for t in ts if id(t) in weights}
+        tracked = {id(t): t.numel() for n in self._names for t in self.operator_tensors(n) if id(t) in weights}
         frozen = [n for n in self._names if self.is_frozen(n)]
         return Coverage(len(self._names), len(self.skipped), frozen, sum(tracked.values()), sum(weights.values()))
+
+    def _resolve(self, model: nn.Module, catalog: LayerCatalog, layers: Sequence[str]) -> list[str]:
+        """Explicit ``layers=``: operator names, aliases or module names, in module order."""
+        if isinstance(layers, str):
+            raise TypeError("Expected layers to be a sequence of layer names, but got a single string; wrap it in a list")
+        names = list(layers)
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"Expected layer names to be strings, but got layers={layers!r}")
+        by_module: dict[str, list[str]] = {}
+        for layer in catalog.layers:
+            by_module.setdefault(layer.module_name, []).append(layer.name)
+        for alias, target in catalog.aliases.items():
+            by_module.setdefault(alias, [target])
+        known = set(catalog.names())
+        modules = dict(model.named_modules(remove_duplicate=False))
+        wanted: set[str] = set()
+        for n in names:
+            if n in known:
+                wanted.add(n)
+            elif n in catalog.aliases:
+                wanted.add(catalog.aliases[n])
+            elif n in by_module:
+                wanted.update(by_module[n])
+            elif n in modules:
+                why = catalog.skipped.get(n) or "it holds no weight of its own"
+                raise ValueError(f"Layer {n!r} ({type(modules[n]).__name__}) cannot be tracked: {why}")
+            else:
+                raise ValueError(f"Unknown layer names {[x for x in names if x not in known and x not in modules]}; "
+                                 f"layers of this model: {catalog.names()}")
+        chosen = [layer.name for layer in catalog.layers if layer.name in wanted]
+        for n in chosen:
+            problem = _layer_problem(catalog[n])
+            if problem is not None:
+                raise ValueError(f"Layer {n!r} ({type(catalog[n].module).__name__}) cannot be tracked: {problem}")
+        return chosen
+
+    def _build_operator(self, name: str) -> LinearOperator:
+        layer = self._layers[name]
+        spec = layer.spec
+        bn = self._bn.get(name)
+        if bn is not None:
+            spec = with_row_scale(spec, lambda bn=bn: batchnorm_scale(bn))
+        return operator_from_spec(spec, self.view, self._input_shapes.get(layer.module_name))
 
     def _buf(self, name: str) -> _LayerBuffers:
         if name in self.aliases:
@@ -498,17 +527,30 @@ class SpectralState(nn.Module):
         return self.layers[_key(name)]
 
     def module(self, name: str) -> nn.Module:
-        """The tracked module called ``name``."""
-        self._buf(name)
-        return self._model.get_submodule(name)
+        """The module the tracked operator ``name`` belongs to."""
+        return self.layer(name).module
 
     def operator(self, name: str) -> LinearOperator:
         """The operator iterated for ``name`` (BN-folded where applicable)."""
         self._buf(name)
         return self._ops[self.aliases.get(name, name)]
 
+    def matrix_operator(self, name: str) -> LinearOperator:
+        """The (BN-folded) matrix view of ``name``: :meth:`operator` in the matrix view, built anew in the operator view."""
+        op = self.operator(name)
+        if self.view == "matrix":
+            return op
+        layer = self.layer(name)
+        spec = layer.spec
+        bn = self.folded_bn(name)
+        if bn is not None:
+            spec = with_row_scale(spec, lambda: batchnorm_scale(bn))
+        return operator_from_spec(spec, "matrix")
+
     def input_shape(self, name: str) -> tuple[int, ...] | None:
         """The recorded input shape of a layer (operator view), else None."""
+        if name in self._layers or name in self.aliases:
+            return self._input_shapes.get(self.layer(name).module_name)
         return self._input_shapes.get(name)
 
     def folded_bn(self, name: str) -> nn.Module | None:
@@ -552,16 +594,19 @@ class SpectralState(nn.Module):
     # ------------------------------------------------------------------ iteration
     def _check_shapes(self) -> None:
         for name in self._names:
+            layer = self._layers[name]
             try:
-                module = self._model.get_submodule(name)
+                module = self._model.get_submodule(layer.module_name)
             except AttributeError:
                 raise ValueError(f"Layer {name!r} is no longer in the model; build a new SpectralState") from None
-            old = self._ops[name]
-            ref = module.weight_a if isinstance(module, (LowRankLinear, LowRankConv2d)) else module.weight
-            current = old.a if isinstance(old, LowRankView) else (old.weight if isinstance(old, MatrixView) else old.reference)
-            if ref is not current:
-                # The parameter object was replaced (e.g. by pruning): rebuild the view.
-                self._ops[name] = operator_for(module, self.view, self._input_shapes.get(name), self._bn.get(name))
+            if module is not layer.module:
+                # The module was replaced (e.g. by pruning): describe the new one with the same view.
+                views = {v.name: v for v in layer_views(module, self.options)}
+                if layer.view.name not in views:
+                    raise ValueError(f"Layer {name!r} was replaced by a {type(module).__name__} without the operator "
+                                     f"{layer.view.name or 'of the old layer'}; build a new SpectralState")
+                self._layers[name] = Layer(name, layer.module_name, module, layer_kind(module), views[layer.view.name])
+                self._ops[name] = self._build_operator(name)
             op = self._ops[name]
             m, n = op.shape
             buf = self.layers[_key(name)]
