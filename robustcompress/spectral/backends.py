@@ -29,7 +29,7 @@ from einops import rearrange
 
 from .views import LinearOperator, MatrixView
 
-__all__ = ["ProductBackend", "TorchBackend", "FusedBackend", "BATCH_MAX_NUMEL"]
+__all__ = ["ProductBackend", "TorchBackend", "FusedBackend", "BATCH_MAX_NUMEL", "ONE_READ_MIN_NUMEL"]
 
 # Default of SpectralState(stack_max_numel=...) on CUDA: without the fused
 # kernel, layers up to this many weights are stacked into one bmm per shape group: there launch overhead dominates small
@@ -38,6 +38,10 @@ __all__ = ["ProductBackend", "TorchBackend", "FusedBackend", "BATCH_MAX_NUMEL"]
 # and a 30-layer MLP of 64×64 layers: equal or slower), so CPU layers are
 # multiplied in place.
 BATCH_MAX_NUMEL = 1 << 18
+
+# CPU matrices from this size on are multiplied in one pass over row blocks;
+# below it the per-block calls cost more than the second read of a weight that fits in cache.
+ONE_READ_MIN_NUMEL = 1 << 18
 
 Products = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -66,10 +70,16 @@ class TorchBackend(ProductBackend):
         stack_max_numel: layers of one shape with at most this many weights are
             stacked into one batched product (None: 2¹⁸ on CUDA, where launches
             dominate small layers; 0 on CPU, where stacking measured slower).
+        block_rows: CPU matrices with at least ``ONE_READ_MIN_NUMEL`` weights are
+            walked in blocks of at most this many rows (fewer for wide rows, so a
+            block stays within ~1 MiB of cache): ``U_b = W_b V`` then
+            ``Y += W_bᵀ U_b`` while the block is still in cache — one read of each
+            weight per iteration. 0 turns it off (two full products).
     """
 
-    def __init__(self, stack_max_numel: int | None = None) -> None:
+    def __init__(self, stack_max_numel: int | None = None, block_rows: int = 64) -> None:
         self.stack_max_numel = stack_max_numel
+        self.block_rows = block_rows
 
     def products(self, ops: dict[str, LinearOperator], vs: dict[str, torch.Tensor]) -> Products:
         out: Products = {}
@@ -96,9 +106,45 @@ class TorchBackend(ProductBackend):
                 out[n] = (u0[i], y[i])
         for name in singles:
             op = ops[name]
+            if self._one_read(op):
+                out[name] = _blocked_products(op, vs[name])
+                continue
             u0 = op.matvec(vs[name])
             out[name] = (u0, op.rmatvec(u0))
         return out
+
+    def _one_read(self, op: LinearOperator) -> bool:
+        """Large, ungrouped, row-major CPU matrices: walk row blocks, reading each weight once."""
+        if not (self.block_rows and isinstance(op, MatrixView) and op.groups == 1 and op.device.type == "cpu"):
+            return False
+        m, n = op.shape
+        return m * n >= ONE_READ_MIN_NUMEL and m > self.block_rows and op.spec.matrix().stride(-1) == 1
+
+
+def _blocked_products(op: MatrixView, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U₀ = S W V`` and ``Y = Wᵀ S U₀`` in one pass over row blocks of ``W``: the CPU twin of the fused kernel.
+
+    ``Wᵀ S² W V = Σ_b W_bᵀ S_b² (W_b V)``: each block ``W_b`` is multiplied twice
+    while it is still in cache, so each weight is read from memory once per
+    iteration instead of twice.
+    """
+    w = op.spec.matrix()
+    m, n = w.shape
+    rows = max(8, min(64, (1 << 20) // max(1, n * w.element_size())))
+    s = op._scale()
+    u0 = torch.empty(m, v.shape[1], dtype=op.dtype, device=v.device)
+    y = torch.zeros(n, v.shape[1], dtype=op.dtype, device=v.device)
+    for i in range(0, m, rows):
+        wb = w[i:i + rows].to(op.dtype)
+        ub = wb @ v
+        if s is not None:
+            ub = s[i:i + rows, None] * ub
+            u0[i:i + rows] = ub
+            y.addmm_(wb.T, s[i:i + rows, None] * ub)
+        else:
+            u0[i:i + rows] = ub
+            y.addmm_(wb.T, ub)
+    return u0, y
 
 
 class FusedBackend(ProductBackend):

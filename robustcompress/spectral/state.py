@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
@@ -37,12 +38,12 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .._checks import nonnegative_int, positive_int
+from .._checks import nonnegative_float, nonnegative_int, positive_int
 from ..layers import Layer, LayerCatalog, ViewOptions, batchnorm_scale, find_layers, layer_kind, layer_views
 from ..layers import head_name as registry_head_name
 from ..layers import with_row_scale
 from .backends import FusedBackend, ProductBackend, TorchBackend
-from .iteration import cholesky_qr2
+from .iteration import cholesky_qr2, gram_upper_bound, power_step, ritz_step
 from .views import LinearOperator, operator_from_spec
 
 __all__ = ["SpectralState", "Coverage", "record_input_shapes", "unsupported_reason", "observed_forward"]
@@ -241,6 +242,10 @@ class _LayerBuffers(nn.Module):
         self.register_buffer("V", cholesky_qr2(v).to(device=device, dtype=dtype))
         self.register_buffer("U", (u / u.norm(dim=0, keepdim=True)).to(device=device, dtype=dtype))
         self.register_buffer("S", torch.zeros(k, device=device, dtype=dtype))
+        # Residual intervals of the last iteration: some singular value lies in
+        # [C_j − R_j, C_j + R_j]. Not saved (recomputed by the next step); inf until then.
+        self.register_buffer("C", torch.zeros(k, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("R", torch.full((k,), float("inf"), device=device, dtype=dtype), persistent=False)
 
 
 class SpectralState(nn.Module):
@@ -278,6 +283,11 @@ class SpectralState(nn.Module):
             CUDA, where launches dominate small layers; 0 on CPU, where
             stacking measured slower than multiplying in place).
         init_iter: iterations run at construction so estimates start near convergence.
+        refine_tol: relative residual ``ρ_1/s_1`` above which a layer's estimate
+            counts as unconverged (see :meth:`residual_interval`).
+        refine_budget: extra layer-iterations per :meth:`step`, as a fraction of
+            the number of tracked layers, spent on the unconverged layers of the
+            previous step (0: off). E.g. 0.5 with 40 layers: at most 20 extra.
         seed: seed of the random starting vectors.
         attention: ``"projections"`` (Q, K, V, O as four matrices) or
             ``"circuits"`` (per head ``W_O^h W_V^h`` and ``W_Q^hᵀ W_K^h``); see
@@ -314,6 +324,8 @@ class SpectralState(nn.Module):
         seed: int = 0,
         stack_max_numel: int | None = None,
         attention: str = "projections",
+        refine_tol: float = 1e-3,
+        refine_budget: float = 0.0,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -396,6 +408,11 @@ class SpectralState(nn.Module):
         self._ops: dict[str, LinearOperator] = {n: self._build_operator(n) for n in tracked}
 
         gen = torch.Generator().manual_seed(seed)
+        self.refine_tol = nonnegative_float(refine_tol, "refine_tol")
+        self.refine_budget = nonnegative_float(refine_budget, "refine_budget")
+        self.layer_iterations = 0
+        self._pending_residuals: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        self._last_plan: dict[str, int] = {}
         self.layers = nn.ModuleDict()
         for name in tracked:
             op = self._ops[name]
@@ -406,6 +423,7 @@ class SpectralState(nn.Module):
         if init_iter:
             self.step(init_iter)
             self.steps.zero_()
+            self.layer_iterations = 0
 
     # ------------------------------------------------------------------ access
     @property
@@ -614,7 +632,15 @@ class SpectralState(nn.Module):
 
     @torch.no_grad()
     def step(self, n_iter: int = 1) -> None:
-        """Run ``n_iter`` warm subspace iterations on every tracked layer.
+        """Run ``n_iter`` warm subspace iterations on every tracked layer, then the refinement budget.
+
+        With ``refine_budget > 0``, up to ``⌊refine_budget · layers⌋`` extra
+        layer-iterations go to the layers whose relative residual
+        ``ρ_1/s_1`` (:meth:`residual_interval`) exceeded ``refine_tol`` at the
+        *previous* step, worst first, round-robin. Deciding from the previous
+        step's residuals adds no host synchronisation on CUDA (they are copied
+        to the host asynchronously at the end of each step), and inside a CUDA
+        graph capture the last plan is reused, so the work stays fixed.
 
         Non-finite values are kept out of the buffers. On CUDA each iteration
         synchronises with the host once or twice (k = 1: to choose the
@@ -627,19 +653,19 @@ class SpectralState(nn.Module):
         """
         positive_int(n_iter, "n_iter")
         self._check_shapes()
+        plan = self._refine_plan()
         finite_flags: list[torch.Tensor] = []
         for _ in range(n_iter):
-            products = self._products(self._names)
-            by_k: dict[tuple, list[str]] = {}
-            for name in self._names:
-                u0 = products[name][0]
-                by_k.setdefault((u0.shape[1], str(u0.device), u0.dtype), []).append(name)
-            flags = {}
-            for (k, _, _), members in by_k.items():
-                update = self._power_update if k == 1 else self._ritz_update
-                flags.update(update(members, products))
-            finite_flags.append(torch.stack([flags[n].to(self.steps.device) for n in self._names]))
+            finite_flags.append(self._iterate(self._names))
             self.steps += 1
+        for r in range(max(plan.values(), default=0)):
+            members = [n for n in self._names if plan.get(n, 0) > r]
+            flags = dict(zip(members, self._iterate(members).unbind(0)))
+            finite_flags.append(torch.stack([flags.get(n, torch.ones((), dtype=torch.bool, device=self.steps.device))
+                                             for n in self._names]))
+        #: layer-iterations run so far (base iterations plus refinement), for cost accounting
+        self.layer_iterations += n_iter * len(self._names) + sum(plan.values())
+        self._snapshot_residuals()
         ok = torch.stack(finite_flags).all(0).tolist()
         bad = [n for n, good in zip(self._names, ok) if not good]
         if bad:
@@ -649,23 +675,76 @@ class SpectralState(nn.Module):
                 raise ValueError(msg + " (pass on_nonfinite='skip' to warn instead)")
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
+    def _iterate(self, names: list[str]) -> torch.Tensor:
+        """One iteration on ``names``; returns their finiteness flags (bool tensor, one per name)."""
+        products = self._products(names)
+        by_k: dict[tuple, list[str]] = {}
+        for name in names:
+            u0 = products[name][0]
+            by_k.setdefault((u0.shape[1], str(u0.device), u0.dtype), []).append(name)
+        flags = {}
+        for (k, _, _), members in by_k.items():
+            update = self._power_update if k == 1 else self._ritz_update
+            flags.update(update(members, products))
+        return torch.stack([flags[n].to(self.steps.device) for n in names])
+
+    def _relative_residuals(self) -> torch.Tensor:
+        tops = [(b.R[:1] / b.C[:1].clamp_min(torch.finfo(b.C.dtype).tiny)).float()
+                for b in (self.layers[_key(n)] for n in self._names)]
+        return torch.cat([t.to(self.steps.device) for t in tops])
+
+    def _snapshot_residuals(self) -> None:
+        if not self.refine_budget:
+            return
+        rel = self._relative_residuals()
+        if rel.device.type == "cuda":
+            host = torch.empty(rel.shape, dtype=rel.dtype, pin_memory=True)
+            host.copy_(rel, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending_residuals = (host, event)
+        else:
+            self._pending_residuals = (rel.clone(), None)
+
+    def _refine_plan(self) -> dict[str, int]:
+        """``{layer: extra iterations}`` from the previous step's residuals (empty when refinement is off)."""
+        budget = int(self.refine_budget * len(self._names))
+        if budget == 0 or self._pending_residuals is None:
+            return {}
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return self._last_plan
+        host, event = self._pending_residuals
+        if event is not None:
+            event.synchronize()  # recorded a whole training step ago: already complete
+        rel = host.tolist()
+        if len(rel) != len(self._names):
+            return {}
+        worst = sorted((r, i) for i, r in enumerate(rel) if r > self.refine_tol)[::-1]
+        plan: dict[str, int] = {}
+        while worst and budget > 0:
+            for _, i in worst[:budget]:
+                plan[self._names[i]] = plan.get(self._names[i], 0) + 1
+            budget -= min(budget, len(worst))
+        self._last_plan = plan
+        return plan
+
     def _power_update(self, members: list[str], products) -> dict[str, torch.Tensor]:
         """k = 1: u = W v / ‖W v‖, v ← WᵀW v / ‖WᵀW v‖, σ = uᵀ W v_new = ‖WᵀW v‖ / ‖W v‖.
 
         That σ is exactly what :meth:`sigma` evaluates right after the step
         (so penalties can use it without another product) and lies between the
         Ritz value ``‖W v‖`` and the true σ₁ (Cauchy–Schwarz; ``u`` is a unit vector).
+        The residual interval (:func:`~.iteration.power_step`) is kept for the pair
+        ``(u, v_old)`` around the Ritz value.
         """
         bufs = [self.layers[_key(n)] for n in members]
         u0s = [products[n][0] for n in members]
         ys = [products[n][1] for n in members]
-        # List-wide (foreach) operations: the cost per layer is a few
-        # microseconds, not a dozen small-tensor calls.
-        s = torch.stack(torch._foreach_norm(u0s))
-        yn = torch.stack(torch._foreach_norm(ys))
+        s, yn, radius, ok = power_step(u0s, ys, [b.V for b in bufs])
         tiny = torch.finfo(s.dtype).tiny
-        ok = torch.isfinite(s) & torch.isfinite(yn)
         live = ok & (s > tiny) & (yn > tiny)
+        torch._foreach_copy_([b.C for b in bufs], list(torch.where(ok, s, torch.zeros_like(s)).reshape(-1, 1).unbind(0)))
+        torch._foreach_copy_([b.R for b in bufs], list(radius.reshape(-1, 1).unbind(0)))
         if bool(live.all()):
             norms = torch.cat([s, yn]).tolist()
             torch._foreach_copy_([b.U for b in bufs], torch._foreach_div(u0s, norms[: len(bufs)]))
@@ -683,30 +762,87 @@ class SpectralState(nn.Module):
         return flags
 
     def _ritz_update(self, members: list[str], products) -> dict[str, torch.Tensor]:
-        """k > 1: Rayleigh–Ritz on span(V), G = U₀ᵀU₀ = VᵀWᵀWV, batched over layers."""
-        grams = torch.stack([products[n][0].T @ products[n][0] for n in members])
-        finite = torch.isfinite(grams).flatten(1).all(1)
-        grams = torch.where(finite[:, None, None], grams, torch.zeros_like(grams))
-        lam, q = torch.linalg.eigh(grams)
-        lam, q = lam.flip(-1), q.flip(-1)
-        sig = lam.clamp_min(0).sqrt()
-        tiny = torch.finfo(sig.dtype).eps * sig[:, :1].clamp_min(torch.finfo(sig.dtype).tiny) * 16
+        """k > 1: Rayleigh–Ritz on span(V) (:func:`~.iteration.ritz_step`), one layer at a time."""
         flags = {}
-        for i, name in enumerate(members):
+        for name in members:
             buf = self.layers[_key(name)]
             u0, y = products[name]
-            ok = finite[i] & torch.isfinite(y).all()
-            flags[name] = ok
-            qi, s = q[i], sig[i]
+            res = ritz_step(u0, y, buf.V)
             # Directions with σ ≈ 0 carry no singular vectors: keep the previous ones.
-            live = (s > tiny[i]) & ok
-            u_new = torch.where(live[None, :], (u0 @ qi) / s.clamp_min(torch.finfo(s.dtype).tiny), buf.U)
-            y_rot = torch.where(live[None, :], y @ qi, buf.V @ qi)
-            v_new = cholesky_qr2(torch.where(ok, y_rot, buf.V))
-            buf.U.copy_(u_new)
-            buf.V.copy_(torch.where(ok, v_new, buf.V))
-            buf.S.copy_(torch.where(ok, s, buf.S))
+            live = torch.isfinite(res.radius) & res.ok
+            buf.U.copy_(torch.where(live[None, :], res.u, buf.U))
+            buf.V.copy_(torch.where(res.ok, res.v, buf.V))
+            buf.S.copy_(torch.where(res.ok, res.sigma, buf.S))
+            buf.C.copy_(torch.where(res.ok, res.sigma, torch.zeros_like(res.sigma)))
+            buf.R.copy_(res.radius)
+            flags[name] = res.ok
         return flags
+
+    # ------------------------------------------------------------------ error of the estimates
+    def residual_interval(self, name: str) -> torch.Tensor:
+        """Intervals ``[s_j − ρ_j, s_j + ρ_j]`` (``k × 2``), each holding some singular value.
+
+        For the Ritz pair ``(u_j, v_j)`` of the last iteration with value
+        ``s_j = u_jᵀ W v_j``, the residual ``r_j = [W v_j − s_j u_j; Wᵀu_j − s_j v_j]``
+        gives ``ρ_j = ‖r_j‖/√2`` and some singular value of ``W`` (as it was at
+        that iteration; or 0 when ``W`` is not square) within ``ρ_j`` of ``s_j`` — the residual bound for the
+        symmetric dilation ``[[0, W], [Wᵀ, 0]]``. It does not say which one: a
+        converged non-top pair has ``ρ ≈ 0`` too, so a swap of the top
+        direction is caught only with ``k ≥ 2`` (compare ``s_2`` with ``s_1``).
+        ``inf`` before the first iteration and for directions with ``s ≈ 0``.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(5, 5))
+            >>> state = SpectralState(model, init_iter=3)
+            >>> lo, hi = state.residual_interval("0")[0].tolist()
+            >>> true = torch.linalg.svdvals(model[0].weight.detach().double())
+            >>> bool(((true >= lo - 1e-6) & (true <= hi + 1e-6)).any())
+            True
+        """
+        b = self._buf(name)
+        return torch.stack([b.C - b.R, b.C + b.R], dim=-1).detach().clone()
+
+    def relative_residual(self, name: str) -> float:
+        """``ρ_1 / s_1`` of the top direction at the last iteration (``inf`` when unknown)."""
+        b = self._buf(name)
+        c, r = float(b.C[0]), float(b.R[0])
+        return r / c if c > 0 else math.inf
+
+    @torch.no_grad()
+    def sigma1_bounds(self, name: str, gram_iter: int = 0) -> tuple[float, float]:
+        """Lower and upper bounds of σ₁ of the layer's operator as it is now.
+
+        Lower: the top Ritz value ``θ_1`` of ``W`` on the warm subspace ``V``
+        (one product). Upper: ``√(‖W‖_F² − Σ_{j=2..k} θ_j²)``, valid because Ritz
+        values interlace (``θ_j ≤ σ_j``), so the subtracted energy never exceeds
+        ``Σ_{j≥2} σ_j²``. With ``gram_iter > 0`` the upper bound is also capped
+        by Gram iteration on the materialised operator (tighter, costs ``O(mn·min(m,n))``).
+
+        Args:
+            name: a tracked layer.
+            gram_iter: Gram-iteration steps for the upper bound (0: off).
+
+        Returns:
+            ``(lower, upper)`` floats, ``lower ≤ σ₁ ≤ upper`` up to rounding.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(8, 5))
+            >>> state = SpectralState(model, k=2)
+            >>> lo, hi = state.sigma1_bounds("0")
+            >>> s1 = float(torch.linalg.svdvals(model[0].weight.detach().double())[0])
+            >>> lo <= s1 * (1 + 1e-6) and s1 <= hi * (1 + 1e-6)
+            True
+        """
+        nonnegative_int(gram_iter, "gram_iter")
+        b = self._buf(name)
+        op = self._ops[self.aliases.get(name, name)]
+        u0 = op.matvec(b.V).double()
+        theta = torch.linalg.eigvalsh(u0.T @ u0).flip(-1).clamp_min(0).sqrt()
+        fro2 = float(op.frobenius().double()) ** 2
+        upper = math.sqrt(max(fro2 - float((theta[1:] ** 2).sum()), float(theta[0]) ** 2))
+        if gram_iter:
+            upper = min(upper, float(gram_upper_bound(op.matrix(), gram_iter)))
+        return float(theta[0]), upper
 
     def extra_repr(self) -> str:
         return f"layers={len(self._names)}, k={self.k}, view={self.view!r}, fold_bn={self.fold_bn}"
