@@ -130,8 +130,20 @@ def logits_of(model: nn.Module, x: Any) -> torch.Tensor:
         ValueError: the logits are not a tensor of shape ``(N, num_classes)``.
         FloatingPointError: some logits are NaN or ±inf (counted per example),
             so no accuracy or attack result is computed from them.
+
+    Example:
+        >>> class Keywords(nn.Module):
+        ...     def forward(self, a, b):
+        ...         return (a + b, "extra")
+        >>> logits_of(Keywords(), {"a": torch.zeros(2, 3), "b": torch.ones(2, 3)}).shape
+        torch.Size([2, 3])
     """
     out = model(**x) if isinstance(x, Mapping) else model(x)
+    return read_logits(out, batch_size_of(x))
+
+
+def read_logits(out: Any, n: int) -> torch.Tensor:
+    """The logits ``(n, C)`` inside a model's output, checked to be finite (see :func:`logits_of`)."""
     logits = out
     if isinstance(out, Mapping) and "logits" in out:
         logits = out["logits"]
@@ -139,7 +151,6 @@ def logits_of(model: nn.Module, x: Any) -> torch.Tensor:
         logits = out.logits
     elif isinstance(out, (tuple, list)) and out:
         logits = out[0]
-    n = batch_size_of(x)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != n:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"Expected the model to return logits of shape ({n}, num_classes), but got {shape}")

@@ -26,7 +26,7 @@ from torch import nn
 from . import attacks as _atk
 from ._checks import (attack_input, domain_arg, finite_input, fraction, labels_arg, module_arg, nonnegative_float,
                       norm_arg, positive_float, positive_int)
-from ._utils import batch_size_of, batches, eval_mode, logits_of, model_device, num_batches, to_device
+from ._utils import batch_size_of, batches, eval_mode, logits_of, model_device, num_batches, read_logits, to_device
 
 __all__ = [
     "accuracy",
@@ -86,6 +86,8 @@ def _check_adversarial(x_adv: Any, x: torch.Tensor, eps: torch.Tensor | float, n
     if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
         got = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv).__name__
         raise ValueError(f"Expected the attack to return x_adv of shape {tuple(x.shape)}, but got {got}")
+    if not bool(torch.isfinite(x_adv).all()):
+        raise ValueError("The attack returned an x_adv holding nan or inf")
     lo, hi = domain
     diff = (x_adv.detach() - x).flatten(1).to(torch.float64)
     size = diff.abs().amax(1) if math.isinf(norm) else diff.norm(dim=1)
@@ -373,7 +375,7 @@ class _UnitBoxImages(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         x = (self.lo + (self.hi - self.lo) * u).reshape(u.shape[0], *self.input_shape)
         params = {k: p.detach() for k, p in self.model.named_parameters()}
-        return torch.func.functional_call(self.model, params, (x,))
+        return read_logits(torch.func.functional_call(self.model, params, (x,)), x.shape[0])
 
 
 def _image_shape(shape: torch.Size) -> tuple[int, ...]:
