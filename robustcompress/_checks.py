@@ -180,3 +180,27 @@ def labels_arg(y: Any, n: int, num_classes: int, name: str = "y") -> torch.Tenso
             f"but got values in [{int(y.min())}, {int(y.max())}]"
         )
     return y.long()
+
+
+def seed_arg(seed: Any) -> int:
+    """Return a non-negative int seed; ``None`` draws one from torch's global generator."""
+    if seed is None:
+        return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"Expected seed to be a non-negative integer or None, but got seed={seed!r}")
+    return seed
+
+
+def eps_arg(eps: Any, n: int, like: torch.Tensor) -> torch.Tensor:
+    """A per-example budget vector of shape (N,) from a number or a tensor."""
+    if isinstance(eps, torch.Tensor):
+        if eps.dim() == 0:
+            eps = eps.item()
+        else:
+            if tuple(eps.shape) != (n,):
+                raise ValueError(f"Expected a tensor eps to have shape ({n},), but got {tuple(eps.shape)}")
+            if not bool(torch.isfinite(eps).all()) or bool((eps < 0).any()):
+                raise ValueError("Expected every per-example eps to be finite and >= 0")
+            return eps.detach().to(device=like.device, dtype=like.dtype)
+    eps = nonnegative_float(eps, "eps")
+    return torch.full((n,), eps, device=like.device, dtype=like.dtype)

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import (attack_input, bool_arg, domain_arg, float_tensor, fraction, labels_arg, module_arg,
-                      nonnegative_float, norm_arg, positive_float, positive_int)
+from ._checks import (attack_input, bool_arg, domain_arg, eps_arg, float_tensor, fraction, labels_arg, module_arg,
+                      nonnegative_float, nonnegative_int, norm_arg, positive_float, positive_int, seed_arg)
 from ._utils import batches, eval_mode, logits_of, model_device, num_batches, to_device
 
 __all__ = [
@@ -69,29 +69,6 @@ def _loss_arg(loss: Any) -> str:
     if not isinstance(loss, str) or loss.lower() not in _LOSSES:
         raise ValueError(f"Expected loss to be one of {_LOSSES}, but got loss={loss!r}")
     return loss.lower()
-
-
-def _seed_arg(seed: Any) -> int:
-    if seed is None:
-        return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"Expected seed to be a non-negative integer or None, but got seed={seed!r}")
-    return seed
-
-
-def _eps_arg(eps: Any, n: int, like: torch.Tensor) -> torch.Tensor:
-    """A per-example budget vector of shape (N,) from a number or a tensor."""
-    if isinstance(eps, torch.Tensor):
-        if eps.dim() == 0:
-            eps = eps.item()
-        else:
-            if tuple(eps.shape) != (n,):
-                raise ValueError(f"Expected a tensor eps to have shape ({n},), but got {tuple(eps.shape)}")
-            if not bool(torch.isfinite(eps).all()) or bool((eps < 0).any()):
-                raise ValueError("Expected every per-example eps to be finite and >= 0")
-            return eps.detach().to(device=like.device, dtype=like.dtype)
-    eps = nonnegative_float(eps, "eps")
-    return torch.full((n,), eps, device=like.device, dtype=like.dtype)
 
 
 def _validated(model, x, y, domain, targeted=False):
@@ -206,7 +183,7 @@ def fgsm(
     targeted = bool_arg(targeted, "targeted")
     with eval_mode(module_arg(model)):
         model, x, y, lo, hi, _ = _validated(model, x, y, domain, targeted)
-        eps_t = _eps_arg(eps, x.shape[0], x)
+        eps_t = eps_arg(eps, x.shape[0], x)
         xg = x.detach().clone().requires_grad_(True)
         obj = _objective(logits_of(model, xg), y, loss, targeted).sum()
         (g,) = torch.autograd.grad(obj, xg)
@@ -294,10 +271,10 @@ def pgd(
         step_size = positive_float(step_size, "step_size")
     if schedule not in _SCHEDULES:
         raise ValueError(f"Expected schedule to be one of {_SCHEDULES}, but got schedule={schedule!r}")
-    gen = torch.Generator().manual_seed(_seed_arg(seed))
+    gen = torch.Generator().manual_seed(seed_arg(seed))
     with eval_mode(module_arg(model)):
         model, x, y, lo, hi, logits = _validated(model, x, y, domain, targeted)
-        eps_t = _eps_arg(eps, x.shape[0], x)
+        eps_t = eps_arg(eps, x.shape[0], x)
         default = eps_t * 2.0 if schedule == "apgd" else eps_t * 2.5 / steps
         alpha = default if step_size is None else torch.full_like(eps_t, step_size)
         return _pgd_core(model, x, y, eps_t, alpha, norm, steps, restarts, random_start,
@@ -463,9 +440,9 @@ def multi_targeted_pgd(
         n_classes = logits.shape[1]
         n_targets = n_classes - 1 if n_targets is None else positive_int(n_targets, "n_targets")
         n_targets = min(n_targets, n_classes - 1)
-        eps_t = _eps_arg(eps, x.shape[0], x)
+        eps_t = eps_arg(eps, x.shape[0], x)
         ranked = logits.scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
-        base_seed = _seed_arg(seed)
+        base_seed = seed_arg(seed)
         out = x.detach().clone()
         open_ = _score(logits, y, False) <= 0
         for r in range(n_targets):
@@ -518,10 +495,10 @@ def random_search(
     """
     norm = norm_arg(norm)
     n_queries = positive_int(n_queries, "n_queries")
-    gen = torch.Generator().manual_seed(_seed_arg(seed))
+    gen = torch.Generator().manual_seed(seed_arg(seed))
     with eval_mode(module_arg(model)), torch.no_grad():
         model, x, y, lo, hi, logits = _validated(model, x, y, domain)
-        eps_t = _eps_arg(eps, x.shape[0], x)
+        eps_t = eps_arg(eps, x.shape[0], x)
         d = x[0].numel()
 
         def sphere_at(u, e):
@@ -667,9 +644,7 @@ def universal_perturbation(
     batch_size = positive_int(batch_size, "batch_size")
     if step_size is not None:
         step_size = positive_float(step_size, "step_size")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"Expected seed to be a non-negative integer, but got seed={seed!r}")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(nonnegative_int(seed, "seed"))
     n_batches = num_batches(data, batch_size) or 1
     alpha = step_size if step_size is not None else max(2.5 / (epochs * n_batches), 0.1) * eps
     delta: torch.Tensor | None = None
@@ -775,7 +750,7 @@ def _jacobian_gram(fn: Callable, x: torch.Tensor) -> Callable[[torch.Tensor], to
 
 def _directions(model, x, k, source, n_iter, layer, seed, per_example):
     """Directions as ``(B, D, k)``: ``B = 1`` (shared) or ``N`` (per example)."""
-    gen = torch.Generator().manual_seed(0 if seed is None else _seed_arg(seed))
+    gen = torch.Generator().manual_seed(0 if seed is None else seed_arg(seed))
     if source == "first_layer":
         if layer is not None:
             raise ValueError("layer= applies to source='jacobian' only")
@@ -929,7 +904,7 @@ def sensitive_direction_attack(
         raise ValueError(f"Expected source to be one of {_SOURCES}, but got source={source!r}")
     with eval_mode(module_arg(model)):
         model, x, y, lo, hi, logits = _validated(model, x, y, domain)
-        eps_t = _eps_arg(eps, x.shape[0], x)
+        eps_t = eps_arg(eps, x.shape[0], x)
         n, dim = x.shape[0], x[0].numel()
         v = _directions(model, x, k, source, n_iter, layer, seed, per_example=(source == "jacobian"))
         v = v.to(x).expand(n, dim, k)
@@ -1001,9 +976,10 @@ def adversarial_batch(
         (True, True)
     """
     ratio = fraction(ratio, "ratio", closed_right=True)
-    seed = _seed_arg(seed)
-    model, x, y, lo, hi, _ = _validated_outside_mode(model, x, y, domain)
-    eps_t = _eps_arg(eps, x.shape[0], x)  # a number, or one budget per example of the batch
+    seed = seed_arg(seed)
+    with eval_mode(module_arg(model)):
+        model, x, y, lo, hi, _ = _validated(model, x, y, domain)
+    eps_t = eps_arg(eps, x.shape[0], x)  # a number, or one budget per example of the batch
     n_adv = int(round(ratio * x.shape[0]))
     chosen = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n_adv].to(x.device)
     x_mixed = x.detach().clone()
@@ -1011,8 +987,3 @@ def adversarial_batch(
         x_mixed[chosen] = pgd(model, x[chosen], y[chosen], eps_t[chosen], norm, steps, step_size, 1, True, "ce",
                               False, False, (lo, hi), seed + 1, schedule="constant")
     return x_mixed, y
-
-
-def _validated_outside_mode(model, x, y, domain):
-    with eval_mode(module_arg(model)):
-        return _validated(model, x, y, domain)

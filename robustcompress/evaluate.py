@@ -25,7 +25,7 @@ from torch import nn
 
 from . import attacks as _atk
 from ._checks import (attack_input, domain_arg, finite_input, fraction, labels_arg, module_arg, nonnegative_float,
-                      norm_arg, positive_float, positive_int)
+                      nonnegative_int, norm_arg, positive_float, positive_int)
 from ._utils import batch_size_of, batches, eval_mode, logits_of, model_device, num_batches, read_logits, to_device
 
 __all__ = [
@@ -493,8 +493,7 @@ def autoattack_accuracy(
     n_queries = positive_int(n_queries, "n_queries")
     if n_examples is not None:
         n_examples = positive_int(n_examples, "n_examples")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"Expected seed to be a non-negative integer, but got seed={seed!r}")
+    seed = nonnegative_int(seed, "seed")
     if isinstance(components, str) or not isinstance(components, Sequence) or not components:
         raise ValueError(f"Expected components to be a non-empty sequence of names, but got {components!r}")
     for c in components:
