@@ -386,10 +386,11 @@ def _image_shape(shape: torch.Size) -> tuple[int, ...]:
     return (1, h, d // h)
 
 
-def _collect(data: Any, n_examples: int | None, batch_size: int, device: torch.device):
+def _collect(data: Any, n_examples: int | None, batch_size: int, device: torch.device,
+             domain: tuple[float, float]):
     xs, ys, count = [], [], 0
     for xb, yb in batches(data, batch_size):
-        xs.append(to_device(xb, device))
+        xs.append(attack_input(to_device(xb, device), domain, "x of data"))
         ys.append(yb.to(device))
         count += xb.shape[0]
         if n_examples is not None and count >= n_examples:
@@ -502,7 +503,7 @@ def autoattack_accuracy(
 
     with eval_mode(model):
         device = model_device(model, torch.device("cpu"))
-        x, y = _collect(data, n_examples, batch_size, device)
+        x, y = _collect(data, n_examples, batch_size, device, (lo, hi))
         x = attack_input(x, (lo, hi), "x of data")
         with torch.no_grad():
             logits = logits_of(model, x)

@@ -176,6 +176,9 @@ def test_gradient_attacks_refuse_integer_and_dict_inputs():
         robust_accuracy(model, (x, y), "pgd", eps=0.1)
     with pytest.raises(TypeError, match="Expected x of data to be a floating-point tensor, but got dtype=torch.int64"):
         robust_accuracy(model, (x["input_ids"], y), "pgd", eps=0.1)
+    pytest.importorskip("torchattacks")
+    with pytest.raises(TypeError, match="Expected x of data to be one floating-point tensor .* dict"):
+        autoattack_accuracy(model, (x, y), eps=0.1, components=("apgd-ce",), steps=2)
 
 
 # --------------------------------------------------------------------------- transformers models from tiny configs
