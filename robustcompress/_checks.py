@@ -121,7 +121,7 @@ def domain_arg(domain: Any, name: str = "domain") -> tuple[float, float]:
     return lo, hi
 
 
-# --------------------------------------------------------------------------- model inputs and labels (attacks, evaluation)
+# ------------------------------------------------------------------ model inputs and labels (attacks, evaluation)
 
 
 def attack_input(x: Any, domain: tuple[float, float], name: str = "x") -> torch.Tensor:

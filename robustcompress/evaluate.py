@@ -154,7 +154,7 @@ def robust_accuracy(
     Args:
         model: classifier; run in eval mode, mode restored.
         data: a Dataset of ``(x, y)``, a DataLoader, or a tuple ``(x, y)`` of tensors.
-        attack: ``"fgsm"``, ``"pgd"``, ``"pgd-mt"`` (multi-targeted PGD),
+        attack: ``"fgsm"``, ``"pgd"`` (by default with APGD's step-size schedule), ``"pgd-mt"`` (multi-targeted PGD),
             ``"sensitive"``, ``"random"`` (black-box random search), or a
             callable ``(model, x, y) -> x_adv`` that already holds its budget
             (``eps`` and ``norm`` are then used to verify it).

@@ -355,7 +355,7 @@ def test_bad_inputs_raise_clear_errors():
         pgd(model, x + 2.0, y, 0.1)
     with pytest.raises(ValueError, match="loss"):
         pgd(model, x, y, 0.1, loss="hinge")
-    with pytest.raises(ValueError, match=r"Expected schedule to be one of \('apgd', 'constant'\), but got schedule='cosine'"):
+    with pytest.raises(ValueError, match=r"one of \('apgd', 'constant'\), but got schedule='cosine'"):
         pgd(model, x, y, 0.1, schedule="cosine")
     with pytest.raises(ValueError, match="step_size"):
         pgd(model, x, y, 0.1, step_size=0.0)
