@@ -1,9 +1,12 @@
 """PGD-10 throughput on the demo MLP (64-256-256-10), this library beside torchattacks, one run.
 
-Prints images/s for L∞ and L2 PGD-10 (no random start, step ε/4), with the
-ratio ours / torchattacks. ``early_stop=False`` is the like-for-like row
-(every example runs every step, as torchattacks does); the default
-``early_stop=True`` row shows what per-example early stopping saves.
+Prints images/s for L∞ and L2 PGD-10 (no random start), with the ratio
+ours / torchattacks (fixed step ε/4). ``constant, early_stop=False`` is the
+like-for-like row (fixed step, every example runs every step, as
+torchattacks does); ``constant, early_stop=True`` shows what per-example
+early stopping saves; ``apgd (default)`` is what ``pgd`` and
+``robust_accuracy`` run by default (APGD's step-size schedule, early stop),
+which costs one more gradient per run and some bookkeeping per step.
 
     python benchmarks/bench_attacks.py [--batch 512] [--repeats 5] [--epochs 3]
 """
@@ -65,19 +68,20 @@ def main() -> None:
         print("torchattacks is not installed: showing this library's rows only")
 
     print(f"PGD-10 on MLP 64-256-256-10, CPU, batch {args.batch}, threads {torch.get_num_threads()}")
-    print(f"{'norm':>5} {'eps':>5} {'variant':>22} {'ours img/s':>11} {'torchattacks':>13} {'ratio':>6}")
+    print(f"{'norm':>5} {'eps':>5} {'variant':>28} {'ours img/s':>11} {'torchattacks':>13} {'ratio':>6}")
     for norm, eps, cls_name in ((float("inf"), 0.1, "PGD"), (2.0, 1.0, "PGDL2")):
         theirs = None
         if torchattacks is not None:
             attack = getattr(torchattacks, cls_name)(model, eps=eps, alpha=eps / 4, steps=10, random_start=False)
             theirs = _rate(lambda: attack(x, y), len(x), args.repeats)
-        for early in (False, True):
-            ours = _rate(lambda: pgd(model, x, y, eps, norm, steps=10, step_size=eps / 4, random_start=False,
-                                     early_stop=early), len(x), args.repeats)
-            label = "early_stop=" + str(early)
+        variants = (("constant", False, eps / 4), ("constant", True, eps / 4), ("apgd", True, None))
+        for schedule, early, step in variants:
+            ours = _rate(lambda: pgd(model, x, y, eps, norm, steps=10, step_size=step, random_start=False,
+                                     early_stop=early, schedule=schedule), len(x), args.repeats)
+            label = f"{schedule}, early_stop={early}" if schedule == "constant" else "apgd (default)"
             ta = f"{theirs:13.0f}" if theirs else f"{'-':>13}"
             ratio = f"{ours / theirs:6.2f}" if theirs else f"{'-':>6}"
-            print(f"{'inf' if norm == float('inf') else 'l2':>5} {eps:5.2f} {label:>22} {ours:11.0f} {ta} {ratio}")
+            print(f"{'inf' if norm == float('inf') else 'l2':>5} {eps:5.2f} {label:>28} {ours:11.0f} {ta} {ratio}")
 
 
 if __name__ == "__main__":

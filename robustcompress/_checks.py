@@ -7,6 +7,7 @@ in the style of ``torch.nn.utils.parametrizations.spectral_norm``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -118,3 +119,88 @@ def domain_arg(domain: Any, name: str = "domain") -> tuple[float, float]:
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ValueError(f"Expected {name}=(lo, hi) with finite lo < hi, but got {name}={domain!r}")
     return lo, hi
+
+
+# ------------------------------------------------------------------ model inputs and labels (attacks, evaluation)
+
+
+def attack_input(x: Any, domain: tuple[float, float], name: str = "x") -> torch.Tensor:
+    """Return ``x`` if an attack can perturb it: a finite float batch ``(N, ...)`` inside ``domain``."""
+    if isinstance(x, Mapping):
+        raise TypeError(
+            f"Expected {name} to be one floating-point tensor for a gradient attack, but got a dict of inputs "
+            f"(keys {sorted(x)}); attack the float input alone (e.g. pass pixel_values as x). "
+            "Token ids cannot be perturbed by a gradient attack; accuracy() accepts dict inputs"
+        )
+    if isinstance(x, torch.Tensor) and not x.is_floating_point():
+        raise TypeError(
+            f"Expected {name} to be a floating-point tensor, but got dtype={x.dtype}: a gradient attack cannot "
+            "perturb integer inputs (token ids); accuracy() evaluates them"
+        )
+    x = float_tensor(x, name)
+    if x.dim() < 2:
+        raise ValueError(
+            f"Expected {name} to be a batch of shape (N, ...) with at least 2 dimensions, "
+            f"but got shape {tuple(x.shape)}"
+        )
+    lo, hi = domain
+    slack = 1e-6 * (hi - lo)
+    x_min, x_max = float(x.min()), float(x.max())
+    if not (math.isfinite(x_min) and math.isfinite(x_max)):
+        raise ValueError(f"Expected {name} to be finite, but it holds nan or inf")
+    if x_min < lo - slack or x_max > hi + slack:
+        raise ValueError(
+            f"Expected {name} to lie in domain=({lo}, {hi}), but its values span [{x_min:.4g}, {x_max:.4g}]; "
+            "pass the data's units as domain=(lo, hi) and keep normalisation inside the model"
+        )
+    return x
+
+
+def finite_input(x: Any, name: str = "x") -> Any:
+    """Return ``x`` (a tensor or a dict of tensors) if its floating-point tensors hold no nan or inf."""
+    items = x.items() if isinstance(x, Mapping) else [(None, x)]
+    for key, t in items:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            where = name if key is None else f"{name}[{key!r}]"
+            raise ValueError(f"Expected {where} to be finite, but it holds nan or inf")
+    return x
+
+
+def labels_arg(y: Any, n: int, num_classes: int, name: str = "y") -> torch.Tensor:
+    """Return ``y`` as int64 class indices of shape ``(n,)`` in ``[0, num_classes)``."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"Expected {name} to be a torch.Tensor of class indices, but got {type(y).__name__}")
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise TypeError(f"Expected {name} to hold integer class indices, but got dtype={y.dtype}")
+    if tuple(y.shape) != (n,):
+        raise ValueError(f"Expected {name} to have shape ({n},) (one label per example), but got {tuple(y.shape)}")
+    if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"Expected {name} to lie in [0, {num_classes - 1}] (the model has {num_classes} logits), "
+            f"but got values in [{int(y.min())}, {int(y.max())}]"
+        )
+    return y.long()
+
+
+def seed_arg(seed: Any) -> int:
+    """Return a non-negative int seed; ``None`` draws one from torch's global generator."""
+    if seed is None:
+        return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"Expected seed to be a non-negative integer or None, but got seed={seed!r}")
+    return seed
+
+
+def eps_arg(eps: Any, n: int, like: torch.Tensor) -> torch.Tensor:
+    """A per-example budget vector of shape (N,) from a number or a tensor."""
+    if isinstance(eps, torch.Tensor):
+        if eps.dim() == 0:
+            eps = eps.item()
+        else:
+            if tuple(eps.shape) != (n,):
+                raise ValueError(f"Expected a tensor eps to have shape ({n},), but got {tuple(eps.shape)}")
+            if not bool(torch.isfinite(eps).all()) or bool((eps < 0).any()):
+                raise ValueError("Expected every per-example eps to be finite and >= 0")
+            return eps.detach().to(device=like.device, dtype=like.dtype)
+    eps = nonnegative_float(eps, "eps")
+    return torch.full((n,), eps, device=like.device, dtype=like.dtype)

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from . import attacks as _atk
-from ._checks import domain_arg, fraction, module_arg, nonnegative_float, norm_arg, positive_float, positive_int
-from ._utils import batches, eval_mode
-from .attacks import _model_device, _num_batches, _x_arg, _y_arg
+from ._checks import (attack_input, domain_arg, finite_input, fraction, labels_arg, module_arg, nonnegative_float,
+                      nonnegative_int, norm_arg, positive_float, positive_int)
+from ._utils import batch_size_of, batches, eval_mode, logits_of, model_device, num_batches, read_logits, to_device
 
 __all__ = [
     "accuracy",
@@ -86,6 +86,8 @@ def _check_adversarial(x_adv: Any, x: torch.Tensor, eps: torch.Tensor | float, n
     if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
         got = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv).__name__
         raise ValueError(f"Expected the attack to return x_adv of shape {tuple(x.shape)}, but got {got}")
+    if not bool(torch.isfinite(x_adv).all()):
+        raise ValueError("The attack returned an x_adv holding nan or inf")
     lo, hi = domain
     diff = (x_adv.detach() - x).flatten(1).to(torch.float64)
     size = diff.abs().amax(1) if math.isinf(norm) else diff.norm(dim=1)
@@ -125,11 +127,12 @@ def accuracy(model: nn.Module, data: Any, batch_size: int = 256) -> float:
     correct = total = 0
     with eval_mode(model), torch.no_grad():
         for xb, yb in batches(data, batch_size):
-            xb = xb.to(_model_device(model, xb.device))
-            logits = _atk._logits(model, xb)
-            yb = _y_arg(yb.to(xb.device), xb.shape[0], logits.shape[1], "y of data")
+            xb = finite_input(to_device(xb, model_device(model)), "x of data")
+            logits = logits_of(model, xb)
+            n = batch_size_of(xb)
+            yb = labels_arg(yb.to(logits.device), n, logits.shape[1], "y of data")
             correct += int((logits.argmax(1) == yb).sum())
-            total += xb.shape[0]
+            total += n
     if total == 0:
         raise ValueError("Expected data to hold at least one example")
     return correct / total
@@ -151,7 +154,7 @@ def robust_accuracy(
     Args:
         model: classifier; run in eval mode, mode restored.
         data: a Dataset of ``(x, y)``, a DataLoader, or a tuple ``(x, y)`` of tensors.
-        attack: ``"fgsm"``, ``"pgd"``, ``"pgd-mt"`` (multi-targeted PGD),
+        attack: ``"fgsm"``, ``"pgd"`` (by default with APGD's step-size schedule), ``"pgd-mt"`` (multi-targeted PGD),
             ``"sensitive"``, ``"random"`` (black-box random search), or a
             callable ``(model, x, y) -> x_adv`` that already holds its budget
             (``eps`` and ``norm`` are then used to verify it).
@@ -180,14 +183,14 @@ def robust_accuracy(
     name, fn = _resolve_attack(attack)
     base_seed = attack_kwargs.pop("seed", 0) if name in _SEEDED else None
     robust = total = 0
-    batch_iter = _progress(batches(data, batch_size), progress, _num_batches(data, batch_size),
+    batch_iter = _progress(batches(data, batch_size), progress, num_batches(data, batch_size),
                            f"{name or 'attack'} eps={eps:g}")
     with eval_mode(model):
         for i, (xb, yb) in enumerate(batch_iter):
-            xb = _x_arg(xb.to(_model_device(model, xb.device)), domain, "x of data")
+            xb = attack_input(to_device(xb, model_device(model)), domain, "x of data")
             with torch.no_grad():
-                clean = _atk._logits(model, xb)
-            yb = _y_arg(yb.to(xb.device), xb.shape[0], clean.shape[1], "y of data")
+                clean = logits_of(model, xb)
+            yb = labels_arg(yb.to(xb.device), xb.shape[0], clean.shape[1], "y of data")
             if name is None:
                 x_adv = fn(model, xb, yb)
             else:
@@ -197,7 +200,7 @@ def robust_accuracy(
                 x_adv = fn(model, xb, yb, eps, norm=norm, domain=domain, **kw)
             x_adv = _check_adversarial(x_adv, xb, eps, norm, domain)
             with torch.no_grad():
-                adv = _atk._logits(model, x_adv)
+                adv = logits_of(model, x_adv)
             robust += int(((clean.argmax(1) == yb) & (adv.argmax(1) == yb)).sum())
             total += xb.shape[0]
     if total == 0:
@@ -308,10 +311,10 @@ def minimal_eps(
     tol = positive_float(tol, "tol")
     name, fn = _resolve_attack(attack)
     with eval_mode(model):
-        x = _x_arg(x, domain)
+        x = attack_input(x, domain)
         with torch.no_grad():
-            logits = _atk._logits(model, x)
-        y = _y_arg(y, x.shape[0], logits.shape[1])
+            logits = logits_of(model, x)
+        y = labels_arg(y, x.shape[0], logits.shape[1])
         width = domain[1] - domain[0]
         hi = (width if math.isinf(norm) else width * math.sqrt(x[0].numel())) if hi is None else nonnegative_float(hi, "hi")
         if hi <= lo:
@@ -327,7 +330,7 @@ def minimal_eps(
                 x_adv = fn(model, xs, ys, eps_x, norm=norm, domain=domain, **kw)
             x_adv = _check_adversarial(x_adv, xs, eps_x, norm, domain)
             with torch.no_grad():
-                return _atk._logits(model, x_adv).argmax(1) != ys
+                return logits_of(model, x_adv).argmax(1) != ys
 
         a = torch.full((n,), lo, dtype=torch.float64, device=x.device)
         b = torch.full((n,), hi, dtype=torch.float64, device=x.device)
@@ -372,7 +375,7 @@ class _UnitBoxImages(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         x = (self.lo + (self.hi - self.lo) * u).reshape(u.shape[0], *self.input_shape)
         params = {k: p.detach() for k, p in self.model.named_parameters()}
-        return torch.func.functional_call(self.model, params, (x,))
+        return read_logits(torch.func.functional_call(self.model, params, (x,)), x.shape[0])
 
 
 def _image_shape(shape: torch.Size) -> tuple[int, ...]:
@@ -383,10 +386,11 @@ def _image_shape(shape: torch.Size) -> tuple[int, ...]:
     return (1, h, d // h)
 
 
-def _collect(data: Any, n_examples: int | None, batch_size: int, device: torch.device):
+def _collect(data: Any, n_examples: int | None, batch_size: int, device: torch.device,
+             domain: tuple[float, float]):
     xs, ys, count = [], [], 0
     for xb, yb in batches(data, batch_size):
-        xs.append(xb.to(device))
+        xs.append(attack_input(to_device(xb, device), domain, "x of data"))
         ys.append(yb.to(device))
         count += xb.shape[0]
         if n_examples is not None and count >= n_examples:
@@ -490,8 +494,7 @@ def autoattack_accuracy(
     n_queries = positive_int(n_queries, "n_queries")
     if n_examples is not None:
         n_examples = positive_int(n_examples, "n_examples")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"Expected seed to be a non-negative integer, but got seed={seed!r}")
+    seed = nonnegative_int(seed, "seed")
     if isinstance(components, str) or not isinstance(components, Sequence) or not components:
         raise ValueError(f"Expected components to be a non-empty sequence of names, but got {components!r}")
     for c in components:
@@ -499,12 +502,12 @@ def autoattack_accuracy(
             raise ValueError(f"Expected every entry of components to be one of {sorted(AUTOATTACK_COMPONENTS)}, but got {c!r}")
 
     with eval_mode(model):
-        device = _model_device(model, torch.device("cpu"))
-        x, y = _collect(data, n_examples, batch_size, device)
-        x = _x_arg(x, (lo, hi), "x of data")
+        device = model_device(model, torch.device("cpu"))
+        x, y = _collect(data, n_examples, batch_size, device, (lo, hi))
+        x = attack_input(x, (lo, hi), "x of data")
         with torch.no_grad():
-            logits = _atk._logits(model, x)
-        y = _y_arg(y, x.shape[0], logits.shape[1], "y of data")
+            logits = logits_of(model, x)
+        y = labels_arg(y, x.shape[0], logits.shape[1], "y of data")
         n, n_classes = x.shape[0], logits.shape[1]
         robust = logits.argmax(1) == y
         clean_acc = float(robust.float().mean())
@@ -535,7 +538,7 @@ def autoattack_accuracy(
                 x_adv = (lo + (hi - lo) * u_adv.detach()).reshape(x[chunk].shape).to(x.dtype).clamp(lo, hi)
                 x_adv = _check_adversarial(x_adv, x[chunk], eps, norm, (lo, hi))
                 with torch.no_grad():
-                    still = _atk._logits(model, x_adv).argmax(1) == y[chunk]
+                    still = logits_of(model, x_adv).argmax(1) == y[chunk]
                 robust[chunk] = robust[chunk] & still
             after[name] = float(robust.float().mean())
     return {

@@ -149,13 +149,53 @@ def test_misclassified_examples_are_returned_unchanged():
     assert torch.equal(pgd(model, x, wrong_y, 0.2, seed=0), x)
 
 
+@pytest.mark.parametrize("norm", [INF, 2.0])
+def test_apgd_schedule_finds_the_linear_optimum_that_a_tiny_fixed_step_misses(norm):
+    # a linear model: the margin toward the runner-up is maximised on the ball's boundary; APGD's first
+    # step (2ε, projected) gets there at once, a fixed step of ε/100 covers a tenth of the way in 10 steps
+    torch.manual_seed(3)
+    model = nn.Linear(12, 3).eval()
+    x = 0.3 + 0.4 * torch.rand(64, 12)
+    y = model(x).argmax(1)
+    kw = dict(norm=norm, steps=10, loss="margin", early_stop=False)
+    apgd = pgd(model, x, y, 0.1, **kw)
+    slow = pgd(model, x, y, 0.1, schedule="constant", step_size=0.001, **kw)
+    assert torch.allclose(_sizes(x, apgd, norm), torch.full((64,), 0.1, dtype=torch.float64), atol=1e-5)
+    assert float(_sizes(x, slow, norm).max()) <= 0.011
+
+    def margin(xa):
+        z = model(xa).detach()
+        return z.scatter(1, y[:, None], -torch.inf).amax(1) - z.gather(1, y[:, None]).squeeze(1)
+
+    assert bool((margin(apgd) >= margin(slow) - 1e-5).all())
+
+
+def test_restarts_after_the_first_start_at_random_points():
+    model = _small_mlp(10, seed=1)
+    x, y = torch.rand(16, 10), torch.randint(0, 4, (16,))
+    one = pgd(model, x, y, 0.05, steps=3, early_stop=False)
+    a = pgd(model, x, y, 0.05, steps=3, restarts=2, seed=1, early_stop=False)
+    b = pgd(model, x, y, 0.05, steps=3, restarts=2, seed=2, early_stop=False)
+    assert not torch.equal(a, b)  # the second run's start depends on the seed
+    score = lambda xa: _margin_score(model, xa, y)  # noqa: E731
+    assert bool((score(a) >= score(one) - 1e-6).all())  # the best iterate over both runs is kept
+
+
+def _margin_score(model, xa, y):
+    z = model(xa).detach()
+    return z.scatter(1, y[:, None], -torch.inf).amax(1) - z.gather(1, y[:, None]).squeeze(1)
+
+
 def test_pgd_is_deterministic_under_a_seed():
     model = _small_mlp(10, seed=1)
     x, y = torch.rand(16, 10), torch.randint(0, 4, (16,))
-    a = pgd(model, x, y, 0.05, steps=3, seed=7, early_stop=False)
-    b = pgd(model, x, y, 0.05, steps=3, seed=7, early_stop=False)
-    c = pgd(model, x, y, 0.05, steps=3, seed=8, early_stop=False)
+    a = pgd(model, x, y, 0.05, steps=3, seed=7, early_stop=False, random_start=True)
+    b = pgd(model, x, y, 0.05, steps=3, seed=7, early_stop=False, random_start=True)
+    c = pgd(model, x, y, 0.05, steps=3, seed=8, early_stop=False, random_start=True)
     assert torch.equal(a, b) and not torch.equal(a, c)
+    # from x (the default) the first run draws nothing, so the seed reaches only later restarts
+    assert torch.equal(pgd(model, x, y, 0.05, steps=3, seed=7, early_stop=False),
+                       pgd(model, x, y, 0.05, steps=3, seed=8, early_stop=False))
 
 
 # --------------------------------------------------------------------------- planted vulnerability
@@ -246,7 +286,7 @@ def test_pgd_matches_torchattacks(trained_digits_mlp, digits_data):
     for norm, cls, eps_values in ((INF, torchattacks.PGD, (0.05, 0.1)), (2.0, torchattacks.PGDL2, (0.5, 1.0))):
         for eps in eps_values:
             ours = robust_accuracy(model, (x, y), "pgd", eps, norm, steps=10, step_size=eps / 4,
-                                   random_start=False)
+                                   random_start=False, schedule="constant")
             x_ta = cls(model, eps=eps, alpha=eps / 4, steps=10, random_start=False)(x, y)
             theirs = float((model(x_ta).argmax(1) == y).float().mean())
             assert abs(ours - theirs) <= 0.02, (norm, eps, ours, theirs)
@@ -315,8 +355,24 @@ def test_bad_inputs_raise_clear_errors():
         pgd(model, x + 2.0, y, 0.1)
     with pytest.raises(ValueError, match="loss"):
         pgd(model, x, y, 0.1, loss="hinge")
-    with pytest.raises(ValueError, match="random_start"):
-        pgd(model, x, y, 0.1, restarts=3, random_start=False)
+    with pytest.raises(ValueError, match=r"one of \('apgd', 'constant'\), but got schedule='cosine'"):
+        pgd(model, x, y, 0.1, schedule="cosine")
+    with pytest.raises(ValueError, match="step_size"):
+        pgd(model, x, y, 0.1, step_size=0.0)
+    with pytest.raises(ValueError, match="restarts"):
+        pgd(model, x, y, 0.1, restarts=0)
+    with pytest.raises(ValueError, match="Expected seed to be a non-negative integer or None, but got seed=-1"):
+        pgd(model, x, y, 0.1, seed=-1)
+    with pytest.raises(ValueError, match=r"Expected a tensor eps to have shape \(5,\), but got \(4,\)"):
+        pgd(model, x, y, torch.full((4,), 0.1))
+    with pytest.raises(ValueError, match="Expected x to be a batch of shape"):
+        fgsm(model, x[0], y[:1], 0.1)
+    with pytest.raises(ValueError, match="Expected x to be finite"):
+        pgd(model, torch.where(x > 0.5, torch.nan, x), y, 0.1)
+    with pytest.raises(TypeError, match="Expected x to be a floating-point tensor, but got dtype=torch.int64"):
+        pgd(model, (x * 10).long(), y, 0.1)
+    with pytest.raises(TypeError, match="Expected model to be"):
+        pgd(lambda t: t, x, y, 0.1)
     with pytest.raises(ValueError, match="steps"):
         pgd(model, x, y, 0.1, steps=0)
     with pytest.raises(ValueError, match="source"):

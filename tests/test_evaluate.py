@@ -210,6 +210,26 @@ def test_bad_arguments():
         gradient_masking_check(model, (x, y), 0.1, 0.2)
     with pytest.raises(ValueError, match="components"):
         autoattack_accuracy(model, (x, y), 0.1, components=("apgd-ce", "cw"))
+    with pytest.raises(ValueError, match="Expected seed to be a non-negative integer, but got seed=-1"):
+        autoattack_accuracy(model, (x, y), 0.1, seed=-1)
+    with pytest.raises(TypeError, match=r"Expected data=\(x, y\) to be a pair of tensors"):
+        accuracy(model, [x, y, y])
+    with pytest.raises(TypeError, match="Expected data to be a torch Dataset .* but got dict"):
+        accuracy(model, {"x": x})
+    with pytest.raises(ValueError, match="Expected x and y of data to have the same length, but got 4 and 3"):
+        accuracy(model, (x, y[:3]))
+    with pytest.raises(ValueError, match=r"Expected y of data to lie in \[0, 3\]"):
+        accuracy(model, (x, y + 4))
+    with pytest.raises(ValueError, match="Expected batch_size to be"):
+        accuracy(model, (x, y), batch_size=0)
+    with pytest.raises(ValueError, match="Expected x of data to be finite"):
+        accuracy(model, (x.masked_fill(x > 0.5, float("inf")), y))
+    with pytest.raises(ValueError, match=r"Expected the attack to return x_adv of shape \(4, 10\)"):
+        robust_accuracy(model, (x, y), lambda m, xb, yb: xb[:2], 0.1)
+    with pytest.raises(ValueError, match="above the budget"):
+        robust_accuracy(model, (x, y), lambda m, xb, yb: (xb + 0.2).clamp(0, 1), 0.1)
+    with pytest.raises(FloatingPointError, match="non-finite logits .* for 4 of 4 examples"):
+        accuracy(nn.Sequential(model, nn.Hardtanh(float("nan"), float("nan"))), (x, y))
 
 
 def test_autoattack_skips_the_targeted_component_below_four_classes():
