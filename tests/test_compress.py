@@ -562,7 +562,8 @@ def test_cli_prunes_finetunes_and_exports(trained_digits_mlp, tmp_path, capsys):
     torch.save(trained_digits_mlp.state_dict(), ckpt)
     out = tmp_path / "small.pt"
     code = main(["compress", str(ckpt), "--model", "robustcompress.models:MLP", "--model-kwargs",
-                 '{"widths": [64, 64]}', "--prune", "0.5", "--finetune-epochs", "1", "--out", str(out)])
+                 '{"widths": [64, 64]}', "--prune", "0.5", "--finetune-epochs", "1", "--data", "digits",
+                 "--out", str(out)])
     assert code == 0
     text = capsys.readouterr().out
     assert "compressed" in text and "exported" in text
