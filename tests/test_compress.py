@@ -578,3 +578,27 @@ def test_cli_prunes_finetunes_and_exports(trained_digits_mlp, tmp_path, capsys):
     assert isinstance(load_exported(out2, lambda: MLP(64, (64, 64), 10))[1], LowRankLinear)
     assert main(["compress", str(ckpt), "--model", "nope", "--prune", "0.5", "--out", str(out2)]) == 2
     assert "MODULE:FACTORY" in capsys.readouterr().err
+
+
+def test_depthwise_convolution_prunes_with_its_producer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 6, 1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 3)).eval()
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+    x = torch.randn(5, 3, 4, 4)
+    small = prune(model, 0.5, example_inputs=x[:1])
+    masked = prune(model, 0.5, example_inputs=x[:1], mask_only=True)
+    assert (small[0].out_channels, small[3].in_channels, small[3].out_channels, small[3].groups) == (4, 4, 4, 4)
+    assert small[6].in_channels == 4 and small[6].out_channels == 3
+    # The masked model is the dense model with the same channels zeroed: its outputs equal the pruned model's.
+    gone = (masked[0].weight.flatten(1) == 0).all(1)
+    assert int(gone.sum()) == 4 and torch.equal(gone, (masked[3].weight.flatten(1) == 0).all(1))
+    torch.testing.assert_close(small(x), masked(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="depthwise"):
+        prune(nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Flatten(), nn.Linear(8, 2)), 0.5,
+              example_inputs=torch.zeros(1, 4, 3, 3))

@@ -1,8 +1,9 @@
 """The layer facts compression needs, in one place (to be read from the layer registry once it exists).
 
 * which modules :func:`~robustcompress.compress.prune` removes output units of
-  (:data:`PRUNABLE_LAYERS`) and which per-channel modules follow them
-  (:data:`CHANNEL_MODULES`);
+  (:data:`PRUNABLE_LAYERS`; grouped convolutions only when depthwise,
+  :func:`is_depthwise`, pruned with their producer) and which per-channel
+  modules follow them (:data:`CHANNEL_MODULES`);
 * which modules :func:`~robustcompress.compress.truncate` factorises and why
   one cannot be (:func:`truncation_refusal`);
 * the operator of a weight (:func:`operator_matrix`: transformers' ``Conv1D``
@@ -33,6 +34,12 @@ def is_conv1d_transposed(module: nn.Module) -> bool:
     """
     return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
             and module.weight.dim() == 2 and getattr(module, "nf", None) == module.weight.shape[1])
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A depthwise convolution (``groups == in_channels == out_channels > 1``): its channels follow its producer's."""
+    return (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1
+            and module.groups == module.in_channels == module.out_channels)
 
 
 def is_truncatable_kind(module: nn.Module) -> bool:

@@ -30,7 +30,7 @@ from .._checks import bool_arg, fraction, module_arg, norm_arg, positive_int
 from .._utils import eval_mode
 from ..metrics import as_matrix, row_norms, rows_for_energy
 from ._common import ChannelMask, all_require_grad, default_example, first_param, mask_hooks
-from ._kinds import CHANNEL_MODULES, LOW_RANK, PRUNABLE_LAYERS, bn_scale
+from ._kinds import CHANNEL_MODULES, LOW_RANK, PRUNABLE_LAYERS, bn_scale, is_depthwise
 
 __all__ = ["SensitivityImportance", "IMPORTANCES", "prune", "remove_masks", "amounts_for_energy"]
 
@@ -134,12 +134,14 @@ def _check_prunable(model: nn.Module, mask_only: bool) -> None:
         own = list(module.parameters(recurse=False))
         if not own:
             continue
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
-            raise ValueError(f"prune supports ungrouped convolutions only, but layer {name!r} has "
-                             f"groups={module.groups}")
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1 and not is_depthwise(module):
+            raise ValueError(f"prune supports ungrouped and depthwise convolutions only, but layer {name!r} has "
+                             f"groups={module.groups} with {module.in_channels} input and {module.out_channels} "
+                             "output channels")
         if not isinstance(module, PRUNABLE_LAYERS + CHANNEL_MODULES):
             hint = " (prune before truncating)" if isinstance(module, LOW_RANK) else ""
-            raise ValueError(f"prune supports models built of Linear, Conv1d, Conv2d (groups=1) and BatchNorm1d/2d "
+            raise ValueError(f"prune supports models built of Linear, Conv1d, Conv2d (ungrouped or depthwise) and "
+                             "BatchNorm1d/2d "
                              f"layers, but layer {name!r} is a {type(module).__name__}{hint}")
         if not mask_only and mask_hooks(module):
             raise ValueError(f"Layer {name!r} carries pruning masks (a mask_only=True result); prune the unmasked "
@@ -287,7 +289,10 @@ def _apply_masks(graph: Any, plans: Sequence[_Plan]) -> None:
         group = graph.get_pruning_group(plan.root, pruner.prune_out_channels, plan.idxs)
         for item in group:
             module, handler, idxs = item.dep.target.module, item.dep.handler, list(item.idxs)
-            if isinstance(module, PRUNABLE_LAYERS):
+            if is_depthwise(module):  # one filter per channel: its input and output channels are the same
+                zero(module, "weight", idxs, 0)
+                zero(module, "bias", idxs, 0)
+            elif isinstance(module, PRUNABLE_LAYERS):
                 if graph.is_out_channel_pruning_fn(handler):
                     zero(module, "weight", idxs, 0)
                     zero(module, "bias", idxs, 0)
