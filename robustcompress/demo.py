@@ -558,10 +558,10 @@ def _plot_scatter(rows: dict[str, dict[str, Any]], path: pathlib.Path, cfg: Demo
         mean_rank = sum(row["rank99"]) / max(len(row["rank99"]), 1)
         for ax, x in ((ax1, row["prunable"]), (ax2, mean_rank)):
             ax.scatter([x], [row["pgd_linf"]], s=40, marker=markers[vi % len(markers)], label=variant)
-    ax1.set_xlabel(f"prunable share of hidden neurons (≤ {100 * cfg.max_loss:g} pt loss)  → more compressible")
+    ax1.set_xlabel(f"prunable share of hidden neurons (≤ {100 * cfg.max_loss:g} pt loss)\n→ more compressible")
     # Fewer directions is more compressible: the axis runs high → low so both panels read left → right.
     ax2.invert_xaxis()
-    ax2.set_xlabel("mean rank99 of hidden layers (axis reversed)  → more compressible")
+    ax2.set_xlabel("mean rank99 of hidden layers (axis reversed)\n→ more compressible")
     ax1.set_ylabel(f"PGD L∞ robust accuracy (ε={cfg.eps_linf:g})")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
