@@ -602,3 +602,43 @@ def test_depthwise_convolution_prunes_with_its_producer():
     with pytest.raises(ValueError, match="depthwise"):
         prune(nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Flatten(), nn.Linear(8, 2)), 0.5,
               example_inputs=torch.zeros(1, 4, 3, 3))
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def test_truncate_factorises_gpt2_conv1d_as_its_transposed_operator():
+    model = _tiny_gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = truncate(model, rank=3)
+    for name in ("transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"):
+        old, new = model.get_submodule(name), small.get_submodule(name)
+        assert type(old).__name__ == "Conv1D" and isinstance(new, LowRankLinear) and new.rank == 3
+        w_op = old.weight.detach().double().T  # Conv1D computes x W + b: the operator is Wᵀ
+        s = torch.linalg.svdvals(w_op)
+        err = (new.weight.detach().double() - w_op).norm()
+        torch.testing.assert_close(err, s[3:].square().sum().sqrt(), atol=1e-5, rtol=1e-4)
+        x = torch.randn(2, 5, old.weight.shape[0])
+        torch.testing.assert_close(new(x), x @ new.weight.T + old.bias, atol=1e-5, rtol=1e-5)
+    assert count_parameters(small) < count_parameters(model)
+    assert small(torch.randint(0, 50, (2, 7))).logits.shape == (2, 7, 50)
+
+
+@pytest.mark.parametrize("energy", [0.5, 0.9, 0.99])
+def test_truncate_never_grows_transformers(energy):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                          intermediate_size=64, vocab_size=50)).eval()
+    vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                       intermediate_size=64, image_size=8, patch_size=4)).eval()
+    for model in (bert, vit, _tiny_gpt2()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            small = truncate(model, energy=energy)
+        assert count_parameters(small) <= count_parameters(model), type(model).__name__
