@@ -544,10 +544,11 @@ def _plot_spectra(rows: dict[str, dict[str, Any]], path: pathlib.Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("σ_j")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+    # Beside the axes (not over the data); bbox_inches="tight" below keeps it in the PNG (matplotlib ≥ 3.6).
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.92), fontsize=7)
     fig.suptitle(f"per-layer singular values (same seed, same optimiser; values below {SPECTRUM_FLOOR:g}·σ₁ "
                  "are numerical zeros and not drawn)", fontsize=9)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
 
 
 def _plot_scatter(rows: dict[str, dict[str, Any]], path: pathlib.Path, cfg: DemoConfig) -> None:
@@ -567,9 +568,10 @@ def _plot_scatter(rows: dict[str, dict[str, Any]], path: pathlib.Path, cfg: Demo
         ax.grid(alpha=0.3)
         ax.margins(x=0.15, y=0.1)
     handles, labels = ax1.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+    # Beside the axes (not over the data); bbox_inches="tight" below keeps it in the PNG (matplotlib ≥ 3.6).
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.92), fontsize=7)
     fig.suptitle("robustness against compressibility (up and right is better)", fontsize=10)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
 
 
 def write_plots(rows: dict[str, dict[str, Any]], out_dir: pathlib.Path, cfg: DemoConfig) -> list[pathlib.Path]:
