@@ -148,7 +148,8 @@ def load_model(path: str, spec: str | None, kwargs_json: str, trust: bool = Fals
     """
     obj = read_torch_file(path, trust=trust)
     if isinstance(obj, dict) and str(obj.get("format", "")).startswith("robustcompress.compress/"):
-        _check_finite(obj.get("state_dict", {}).items(), path)
+        if isinstance(obj.get("state_dict"), dict):
+            _check_finite(obj["state_dict"].items(), path)
         return load_exported(path, model_factory(spec, kwargs_json))
     obj = _unwrap(obj, path)
     if isinstance(obj, nn.Module):
