@@ -207,6 +207,10 @@ _CIFAR_LAYOUT = (
     "(the python version of CIFAR-10, cifar-10-python.tar.gz from "
     "https://www.cs.toronto.edu/~kriz/cifar.html, unpacked)"
 )
+_DRY_RUN_HINT = (
+    ". For a dry run without the download, write a tiny random stand-in in the same format with "
+    "robustcompress.data.write_fake_cifar10(root)"
+)
 
 # The batches are pickles; a pickle can run arbitrary code when loaded, so only
 # the few globals that rebuild numpy arrays (and bytes under protocol 2) load.
@@ -247,7 +251,7 @@ def _cifar_dir(root: str | os.PathLike) -> pathlib.Path:
         return root
     raise FileNotFoundError(
         f"CIFAR-10 not found under root={str(root)!r}: expected {_CIFAR_LAYOUT}; "
-        f"neither {str(root / _CIFAR_DIR)!r} nor batch files in root exist"
+        f"neither {str(root / _CIFAR_DIR)!r} nor batch files in root exist{_DRY_RUN_HINT}"
     )
 
 
@@ -308,7 +312,7 @@ def cifar10(root: str | os.PathLike, train: bool = True) -> TensorDataset:
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(
-            f"CIFAR-10 file(s) {missing} missing in {str(folder)!r}: expected {_CIFAR_LAYOUT}"
+            f"CIFAR-10 file(s) {missing} missing in {str(folder)!r}: expected {_CIFAR_LAYOUT}{_DRY_RUN_HINT}"
         )
     parts = [_read_cifar_batch(folder / name) for name in names]
     data = np.concatenate([d for d, _ in parts])

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import fraction, nonnegative_float, positive_float, positive_int
+from .compress.exporting import export
 
 __all__ = [
     "DemoConfig",
@@ -513,17 +514,72 @@ _LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1)))
 
 
 def _figure(width: float, height: float):
-    # A bare Figure with an Agg canvas: PNGs without touching pyplot's global backend.
+    # A bare Figure with an Agg canvas: PNGs without touching pyplot's global backend. Constrained layout
+    # makes room for a legend placed outside the axes.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=110)
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
+#: singular values below this share of σ₁ are numerical zeros (a rank-r layer has exactly r nonzero ones)
+SPECTRUM_FLOOR = 1e-5
+
+
+def _plot_spectra(rows: dict[str, dict[str, Any]], path: pathlib.Path) -> None:
+    n_layers = max(len(r["spectra"]) for r in rows.values())
+    fig = _figure(3.6 * n_layers + 1.6, 3.6)
+    axes = fig.subplots(1, n_layers, squeeze=False)[0]
+    for li, ax in enumerate(axes):
+        for vi, (variant, row) in enumerate(rows.items()):
+            if li < len(row["spectra"]):
+                s = torch.tensor(row["spectra"][li], dtype=torch.float64)
+                s = s[s > SPECTRUM_FLOOR * float(s.max())] if len(s) and float(s.max()) > 0 else s[:0]
+                ax.semilogy(range(1, len(s) + 1), s.numpy(), label=variant, lw=1.4,
+                            ls=_LINESTYLES[vi % len(_LINESTYLES)])
+        kind = "head" if li == n_layers - 1 else f"hidden {li + 1}"
+        ax.set_xlabel(f"index j — layer {li + 1} ({kind})")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("σ_j")
+    handles, labels = axes[0].get_legend_handles_labels()
+    # Beside the axes (not over the data); bbox_inches="tight" below keeps it in the PNG (matplotlib ≥ 3.6).
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.92), fontsize=7)
+    fig.suptitle(f"per-layer singular values (same seed, same optimiser; values below {SPECTRUM_FLOOR:g}·σ₁ "
+                 "are numerical zeros and not drawn)", fontsize=9)
+    fig.savefig(path, bbox_inches="tight")
+
+
+def _plot_scatter(rows: dict[str, dict[str, Any]], path: pathlib.Path, cfg: DemoConfig) -> None:
+    fig = _figure(10.5, 4.0)
+    ax1, ax2 = fig.subplots(1, 2)
+    markers = ("o", "s", "^", "D", "v", "P", "X", "*")
+    for vi, (variant, row) in enumerate(rows.items()):
+        mean_rank = sum(row["rank99"]) / max(len(row["rank99"]), 1)
+        for ax, x in ((ax1, row["prunable"]), (ax2, mean_rank)):
+            ax.scatter([x], [row["pgd_linf"]], s=40, marker=markers[vi % len(markers)], label=variant)
+    ax1.set_xlabel(f"prunable share of hidden neurons (≤ {100 * cfg.max_loss:g} pt loss)\n→ more compressible")
+    # Fewer directions is more compressible: the axis runs high → low so both panels read left → right.
+    ax2.invert_xaxis()
+    ax2.set_xlabel("mean rank99 of hidden layers (axis reversed)\n→ more compressible")
+    ax1.set_ylabel(f"PGD L∞ robust accuracy (ε={cfg.eps_linf:g})")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.15, y=0.1)
+    handles, labels = ax1.get_legend_handles_labels()
+    # Beside the axes (not over the data); bbox_inches="tight" below keeps it in the PNG (matplotlib ≥ 3.6).
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.92), fontsize=7)
+    fig.suptitle("robustness against compressibility (up and right is better)", fontsize=10)
+    fig.savefig(path, bbox_inches="tight")
+
+
 def write_plots(rows: dict[str, dict[str, Any]], out_dir: pathlib.Path, cfg: DemoConfig) -> list[pathlib.Path]:
     """Write ``spectra.png`` (per-layer singular values) and ``robust_vs_compressibility.png``.
+
+    One title per figure, legends outside the axes; singular values below
+    ``SPECTRUM_FLOOR · σ₁`` (numerical zeros, e.g. beyond a factorised layer's
+    rank) are not drawn; both scatter panels put "more compressible" on the right.
 
     Args:
         rows: ``{variant: measure(...) dict}``.
@@ -533,43 +589,9 @@ def write_plots(rows: dict[str, dict[str, Any]], out_dir: pathlib.Path, cfg: Dem
     Returns:
         The two paths written.
     """
-    n_layers = max(len(r["spectra"]) for r in rows.values())
-    fig = _figure(4.2 * n_layers, 3.6)
-    axes = fig.subplots(1, n_layers, squeeze=False)[0]
-    for li, ax in enumerate(axes):
-        for vi, (variant, row) in enumerate(rows.items()):
-            if li < len(row["spectra"]):
-                # Exact zeros (beyond a factorised layer's rank) are drawn at the 1e-6 floor.
-                s = torch.tensor(row["spectra"][li]).clamp_min(1e-6)
-                ax.semilogy(range(1, len(s) + 1), s.numpy(), label=variant, lw=1.4,
-                            ls=_LINESTYLES[vi % len(_LINESTYLES)])
-        kind = "head" if li == n_layers - 1 else f"hidden {li + 1}"
-        ax.set_title(f"layer {li + 1} ({kind})")
-        ax.set_xlabel("index j")
-        ax.set_ylabel("σ_j")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("per-layer singular values (same seed, same optimiser)")
-    fig.tight_layout()
-    spectra = out_dir / "spectra.png"
-    fig.savefig(spectra)
-
-    fig = _figure(10.0, 4.0)
-    ax1, ax2 = fig.subplots(1, 2)
-    for variant, row in rows.items():
-        mean_rank = sum(row["rank99"]) / max(len(row["rank99"]), 1)
-        for ax, x in ((ax1, row["prunable"]), (ax2, mean_rank)):
-            ax.scatter([x], [row["pgd_linf"]], s=40)
-            ax.annotate(variant, (x, row["pgd_linf"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax1.set_xlabel(f"prunable share of hidden neurons (≤ {100 * cfg.max_loss:g} pt loss)")
-    ax2.set_xlabel("mean rank99 of hidden layers (lower: more compressible)")
-    for ax in (ax1, ax2):
-        ax.set_ylabel(f"PGD L∞ robust accuracy (ε={cfg.eps_linf:g})")
-        ax.grid(alpha=0.3)
-        ax.margins(x=0.3, y=0.1)
-    fig.tight_layout()
-    scatter = out_dir / "robust_vs_compressibility.png"
-    fig.savefig(scatter)
+    spectra, scatter = out_dir / "spectra.png", out_dir / "robust_vs_compressibility.png"
+    _plot_spectra(rows, spectra)
+    _plot_scatter(rows, scatter, cfg)
     return [spectra, scatter]
 
 
@@ -599,6 +621,7 @@ def run_demo(
     device: str | torch.device = "cpu",
     progress: bool = True,
     variants: Sequence[str] = VARIANTS,
+    save_models: str | os.PathLike | None = None,
 ) -> DemoResult:
     """Train every variant, measure it, write the table, the JSON results and the plots.
 
@@ -609,6 +632,11 @@ def run_demo(
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, … (must be available).
         progress: show a tqdm bar per variant.
         variants: which rows to run, a subset of :data:`VARIANTS` in any order.
+        save_models: a folder (created if missing) to save each trained model
+            to, as ``VARIANT.pt`` written by :func:`robustcompress.compress.export`
+            (the low-rank layers' shapes included), so ``python -m robustcompress
+            report`` / ``compress`` read every variant with ``--model
+            robustcompress.models:MLP --model-kwargs '{"widths": [...]}'``.
 
     Returns:
         A :class:`DemoResult`.
@@ -626,10 +654,14 @@ def run_demo(
     if isinstance(variants, str) or not variants:
         raise ValueError(f"Expected variants to be a non-empty sequence of {VARIANTS}, but got {variants!r}")
     variants = [_variant_arg(v) for v in variants]
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise TypeError(f"Expected out_dir to be a str or os.PathLike, but got {type(out_dir).__name__}")
+    for arg, value in (("out_dir", out_dir), ("save_models", save_models)):
+        if not isinstance(value, (str, os.PathLike)) and not (arg == "save_models" and value is None):
+            raise TypeError(f"Expected {arg} to be a str or os.PathLike, but got {type(value).__name__}")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    models_dir = pathlib.Path(save_models) if save_models is not None else None
+    if models_dir is not None:
+        models_dir.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
     train, test = digits(seed=cfg.seed)
@@ -638,6 +670,10 @@ def run_demo(
         model = build_model(variant, cfg, device)
         train_model(model, train, cfg, make_penalties(variant, model, cfg), desc=variant, progress=progress)
         rows[variant] = measure(model, train, test, cfg)
+        if models_dir is not None:
+            export(model, models_dir / f"{variant}.pt",
+                   info={"variant": variant, "model": "robustcompress.models:MLP",
+                         "model_kwargs": {"in_features": 64, "widths": list(cfg.widths), "num_classes": 10}})
     table = format_table(rows, cfg, len(train), len(test))
     files = [out / "table.txt", out / "results.json"]
     files[0].write_text(table + "\n", encoding="utf-8")
@@ -686,7 +722,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"strength μ of the σ₁² penalty (default {defaults.penalty:g})")
     parser.add_argument("--group-lasso", type=float, default=defaults.group_lasso,
                         help=f"strength λ of the group lasso (default {defaults.group_lasso:g})")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="hide the progress bars (they are hidden anyway when stderr is not a terminal)")
+    parser.add_argument("--save-models", default=None, metavar="DIR",
+                        help="save each trained model to DIR/VARIANT.pt (an export file: report and compress read it)")
     return parser
 
 
@@ -707,7 +746,9 @@ def run_cli(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as err:
         print(f"robustcompress demo: error: {err}", file=sys.stderr)
         return 2
-    result = run_demo(cfg, args.out, device=device, progress=not args.no_progress)
+    # A progress bar redraws itself with carriage returns: only useful on a terminal, spam in a log file.
+    progress = not args.no_progress and sys.stderr.isatty()
+    result = run_demo(cfg, args.out, device=device, progress=progress, save_models=args.save_models)
     print(result.table)
     print()
     print(f"wrote {', '.join(str(f) for f in result.files)} ({result.seconds:.1f} s)")

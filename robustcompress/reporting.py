@@ -6,7 +6,7 @@ metrics from :mod:`robustcompress.metrics`, the operator's certified ``σ̄_1`` 
 bound) and a last ``"network"`` row with ``K_2``, ``K_∞``, the input shape and
 units they hold for. ``format_report(rows)`` prints it;
 ``python -m robustcompress report CHECKPOINT.pt --model module:factory`` runs it
-on a saved state dict.
+on a saved checkpoint (:mod:`robustcompress.cli.report`).
 
 Example:
     >>> from robustcompress.models import MLP
@@ -17,12 +17,7 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
 import math
-import re
-import sys
 from typing import Any, Sequence
 
 import torch
@@ -34,7 +29,7 @@ from .layers import LowRankConv2d, LowRankLinear
 from .metrics import layer_metrics
 from .spectral import SpectralState
 
-__all__ = ["report", "format_report", "add_arguments", "run_cli"]
+__all__ = ["report", "format_report"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, LowRankConv2d)
 
@@ -216,106 +211,3 @@ def format_report(rows: list[dict[str, Any]]) -> str:
             parts = ", ".join(f"{k} {v:+.3f}" for k, v in net["log_split"].items())
             lines.append(f"log K_2 = {sum(net['log_split'].values()):.4f} = {parts}")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``report`` subcommand's arguments to ``parser``."""
-    parser.add_argument("checkpoint", help="a saved state dict (torch.save(model.state_dict(), PATH))")
-    parser.add_argument("--model", required=True, metavar="MODULE:FACTORY",
-                        help="builds the model: FACTORY() from MODULE, e.g. robustcompress.models:resnet18")
-    parser.add_argument("--input-shape", default=None, metavar="C,H,W",
-                        help="one input without batch, e.g. 3,32,32 (required for convolutions)")
-    parser.add_argument("--k", type=int, default=8, help="directions tracked for large layers (default 8)")
-    parser.add_argument("--exact-threshold", type=int, default=1 << 20,
-                        help="matrix entries up to which metrics use exact svdvals")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow a fully pickled model (runs arbitrary code from the file: trusted files only)")
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    parts = re.split(r"[,x×]", text.strip())
-    if not parts or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"Expected --input-shape as positive integers separated by commas (e.g. 3,32,32), but got {text!r}")
-    return tuple(int(p) for p in parts)
-
-
-def _build_model(spec: str) -> nn.Module:
-    module_name, sep, factory_name = spec.partition(":")
-    if not sep or not module_name or not factory_name:
-        raise ValueError(f"Expected --model as MODULE:FACTORY (e.g. robustcompress.models:resnet18), but got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"Cannot import module {module_name!r} named in --model: {err}") from err
-    factory = getattr(module, factory_name, None)
-    if not callable(factory):
-        raise ValueError(f"Module {module_name!r} has no callable {factory_name!r}")
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"{spec}() returned a {type(model).__name__}, not an nn.Module")
-    return model
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
-def _load(args: argparse.Namespace) -> nn.Module:
-    try:
-        obj = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"Checkpoint {args.checkpoint!r} does not exist") from None
-    except Exception as err:
-        if not args.trust_checkpoint:
-            raise ValueError(
-                f"Checkpoint {args.checkpoint!r} is not a plain state dict (torch.load with weights_only=True failed: "
-                f"{type(err).__name__}). Save model.state_dict(), or pass --trust-checkpoint to unpickle a full "
-                "model from a file you trust"
-            ) from err
-        obj = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-        if isinstance(obj, nn.Module):
-            return obj
-    if isinstance(obj, dict) and not _is_state_dict(obj):
-        for key in ("state_dict", "model_state_dict", "model"):
-            if _is_state_dict(obj.get(key)):
-                obj = obj[key]
-                break
-    if not _is_state_dict(obj):
-        raise ValueError(
-            f"Checkpoint {args.checkpoint!r} holds a {type(obj).__name__}, not a state dict (a dict of parameter "
-            "name -> tensor); save it with torch.save(model.state_dict(), PATH)"
-        )
-    model = _build_model(args.model)
-    try:
-        model.load_state_dict(obj)
-    except RuntimeError as err:
-        raise ValueError(f"The checkpoint does not fit the model built by {args.model}: {err}") from err
-    return model
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Run ``report`` from parsed arguments; print the table (or JSON). Returns the exit code.
-
-    Errors (a bad checkpoint, model spec or input shape, an unsupported module)
-    print one line to stderr and return 2.
-    """
-    try:
-        model = _load(args)
-        model.eval()
-        shape = _parse_shape(args.input_shape) if args.input_shape else None
-        rows = report(model, input_shape=shape, k=args.k, exact_threshold=args.exact_threshold)
-    except (ValueError, TypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(rows, indent=2, allow_nan=False, default=str))
-    else:
-        print(format_report(rows))
-    return 0

@@ -1,5 +1,7 @@
 """The demo (``python -m robustcompress.demo``): the ``--quick`` run end to end, and its parts."""
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -14,9 +16,18 @@ from robustcompress.demo import VARIANTS, DemoConfig
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """Two ``--quick`` runs with the same seed into different folders (in-process, via main)."""
+    """Two ``--quick`` runs with the same seed into different folders (in-process, via main).
+
+    The second saves its models and runs with stderr redirected to a buffer (not a terminal) and no
+    ``--no-progress``: its captured stderr is kept to check that no progress bar was drawn.
+    """
     outs = [tmp_path_factory.mktemp(f"demo{i}") for i in range(2)]
-    codes = [demo.main(["--quick", "--no-progress", "--seed", "0", "--out", str(o)]) for o in outs]
+    codes = [demo.main(["--quick", "--no-progress", "--seed", "0", "--out", str(outs[0])])]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        codes.append(demo.main(["--quick", "--seed", "0", "--out", str(outs[1]),
+                                "--save-models", str(outs[1] / "models")]))
+    (outs[1] / "stderr.txt").write_text(err.getvalue(), encoding="utf-8")
     return codes, outs
 
 
@@ -34,6 +45,29 @@ def test_quick_run_exits_cleanly_and_writes_everything(quick_run, capsys):
         # Real PNGs, not empty placeholders.
         for name in ("spectra.png", "robust_vs_compressibility.png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_redirected_run_draws_no_progress_bars(quick_run):
+    codes, outs = quick_run
+    err = (outs[1] / "stderr.txt").read_text(encoding="utf-8")
+    assert codes[1] == 0 and "\r" not in err and "it/s" not in err
+
+
+def test_saved_models_load_with_report_and_compress_layouts(quick_run):
+    from robustcompress.compress import load_exported
+    from robustcompress.data import digits
+    from robustcompress.evaluate import accuracy
+    from robustcompress.models import MLP
+
+    _, outs = quick_run
+    rows = _rows(outs[1])
+    _, test = digits(seed=0)
+    for variant in VARIANTS:
+        path = outs[1] / "models" / f"{variant}.pt"
+        info = torch.load(path, weights_only=True)["info"]
+        model = load_exported(path, lambda: MLP(**info["model_kwargs"]))
+        assert info["variant"] == variant and info["model"] == "robustcompress.models:MLP"
+        assert accuracy(model, test.tensors) == pytest.approx(rows[variant]["clean"], abs=1e-12), variant
 
 
 def test_quick_table_is_sane(quick_run):

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from robustcompress.models import MLP, SmallCNN, resnet18
-from robustcompress.reporting import add_arguments, format_report, report, run_cli
+from robustcompress.cli.report import add_arguments, run_cli
+from robustcompress.reporting import format_report, report
 
 
 def test_report_on_demo_mlp():

@@ -1,8 +1,14 @@
 """Command line: ``python -m robustcompress SUBCOMMAND [--help]``.
 
-Each subcommand lives in the module that implements it; the module provides
-``add_arguments(parser)`` and ``run_cli(args) -> int`` and is imported only
-when its subcommand runs, so ``--help`` stays fast.
+Each subcommand has a module (``cli.report``, ``cli.compress``; the demo keeps
+its own in :mod:`robustcompress.demo`) providing ``add_arguments(parser)`` and
+``run_cli(args) -> int``, imported only when its subcommand runs, so ``--help``
+stays fast. What ``report`` and ``compress`` share (checkpoint layouts, model
+and data arguments, one-line errors) is in :mod:`robustcompress.cli.common`.
+
+Example:
+    >>> sorted(SUBCOMMANDS)
+    ['compress', 'demo', 'report']
 """
 
 from __future__ import annotations
@@ -15,12 +21,13 @@ from typing import Sequence
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "demo": ("robustcompress.demo", "train digits MLPs several ways and compare compressibility and robustness"),
-    "report": ("robustcompress.reporting", "per-layer compressibility and the certified Lipschitz bound of a checkpoint"),
-    "compress": ("robustcompress.compress", "prune or rank-truncate a checkpoint, fine-tune, re-measure, export"),
+    "report": ("robustcompress.cli.report", "per-layer compressibility and the certified Lipschitz bound of a checkpoint"),
+    "compress": ("robustcompress.cli.compress", "prune or rank-truncate a checkpoint, fine-tune, re-measure, export"),
 }
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only the subcommand named in ``argv`` gets its arguments (and its module imported)."""
     parser = argparse.ArgumentParser(
         prog="python -m robustcompress",
         description="robustcompress: keep PyTorch models compressible yet adversarially robust.",
@@ -39,6 +46,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the subcommand; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)

@@ -1,0 +1,88 @@
+"""The layer facts compression needs, in one place (to be read from the layer registry once it exists).
+
+* which modules :func:`~robustcompress.compress.prune` removes output units of
+  (:data:`PRUNABLE_LAYERS`; grouped convolutions only when depthwise,
+  :func:`is_depthwise`, pruned with their producer) and which per-channel
+  modules follow them (:data:`CHANNEL_MODULES`);
+* which modules :func:`~robustcompress.compress.truncate` factorises and why
+  one cannot be (:func:`truncation_refusal`);
+* the operator of a weight (:func:`operator_matrix`: transformers' ``Conv1D``
+  stores its weight ``in × out``, so its operator is ``Wᵀ``);
+* the BatchNorm scale ``|γ|/√(var + ε)`` that folds into the rows before it (:func:`bn_scale`);
+* the classifier head (:func:`head_name`: the last weight-bearing layer).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers import LowRankConv2d, LowRankLinear
+
+#: layers whose output units (rows / filters) prune removes
+PRUNABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+#: per-channel modules that follow the channels they read (pruned along, never roots)
+CHANNEL_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
+#: low-rank layers (the result of truncate)
+LOW_RANK = (LowRankLinear, LowRankConv2d)
+
+
+def is_conv1d_transposed(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W`` stored ``in × out``.
+
+    Recognised by class name and layout so that transformers is never imported.
+    """
+    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
+            and module.weight.dim() == 2 and getattr(module, "nf", None) == module.weight.shape[1])
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A depthwise convolution (``groups == in_channels == out_channels > 1``): its channels follow its producer's."""
+    return (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1
+            and module.groups == module.in_channels == module.out_channels)
+
+
+def is_truncatable_kind(module: nn.Module) -> bool:
+    """Linear, Conv2d or transformers' Conv1D: the kinds truncate may factorise."""
+    return isinstance(module, (nn.Linear, nn.Conv2d)) or is_conv1d_transposed(module)
+
+
+def operator_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight's matrix view ``out × (in·k…)`` as the layer applies it (``Wᵀ`` for Conv1D)."""
+    w = module.weight
+    if is_conv1d_transposed(module):
+        return w.T
+    return w.reshape(w.shape[0], -1)
+
+
+def truncation_refusal(name: str, module: nn.Module) -> str | None:
+    """Why ``module`` cannot be factorised (None when it can)."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return (f"layer {name!r}: only ungrouped Conv2d with numeric zero padding can be factorised "
+                    f"(groups={module.groups}, padding={module.padding!r}, padding_mode={module.padding_mode!r})")
+        return None
+    if is_truncatable_kind(module):
+        return None
+    return (f"layer {name!r} is a {type(module).__name__}; only nn.Linear, nn.Conv2d and transformers' Conv1D "
+            "layers can be truncated to low rank")
+
+
+def head_name(model: nn.Module) -> str | None:
+    """The classifier head: the last Linear / Conv / Conv1D / low-rank layer in module order."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d) + LOW_RANK) or is_conv1d_transposed(module):
+            last = name
+    return last
+
+
+def bn_scale(bn: nn.Module) -> torch.Tensor | None:
+    """``|γ|/√(var + eps)`` of an eval-mode BatchNorm (None without running statistics or for other modules)."""
+    if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or bn.running_var is None:
+        return None
+    s = (bn.running_var.detach().double() + bn.eps).rsqrt()
+    if bn.affine:
+        s = s * bn.weight.detach().double().abs()
+    return s
+
