@@ -41,7 +41,9 @@ The package, one concept per module:
 * :mod:`~robustcompress.bound.walk` — what is carried from node to node;
 * :mod:`~robustcompress.bound.rules` — the rule tables;
 * :mod:`~robustcompress.bound.graph` — :func:`lipschitz_bound`, one pass over the graph;
-* :mod:`~robustcompress.bound.radius` — :func:`certified_radius`.
+* :mod:`~robustcompress.bound.radius` — :func:`certified_radius`;
+* :mod:`~robustcompress.bound.capture` — where certification stops on models
+  torch.fx cannot trace (captured with ``torch.export``).
 
 Adding a rule is one table entry in :mod:`robustcompress.bound.rules`:
 ``MODULE_RULES[ModuleType]``, ``FUNCTION_RULES[function]`` or
@@ -85,7 +87,7 @@ Example:
 from __future__ import annotations
 
 from .activations import ACTIVATION_LIPSCHITZ, activation_lipschitz
-from .graph import LipschitzBound, lipschitz_bound
+from .graph import LipschitzBound, TraceError, lipschitz_bound
 from .matrix import EXACT_THRESHOLD, ROUNDING_MARGIN, gram_iteration_bound, matrix_norm_bound
 from .norms import conv_fourier_bound, conv_matrix_bound, inf_to_2_bound, layer_bound, operator_frobenius, power_sigma
 from .pooling import pool_factor
@@ -109,6 +111,7 @@ __all__ = [
     "NodeFactor",
     "NoLipschitzRuleError",
     "LipschitzBound",
+    "TraceError",
     "lipschitz_bound",
     "certified_radius",
 ]

@@ -29,7 +29,7 @@ from .matrix import EXACT_THRESHOLD
 from .rules import MODULE_RULES, rule_for
 from .walk import CONST, SHAPE_KEY, NodeFactor, Walk, nodes_in
 
-__all__ = ["LipschitzBound", "lipschitz_bound", "trace"]
+__all__ = ["LipschitzBound", "TraceError", "lipschitz_bound", "trace"]
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 
@@ -69,6 +69,10 @@ class LipschitzBound:
     units: str = ""
 
 
+class TraceError(ValueError):
+    """The model cannot be traced by :mod:`torch.fx` (data-dependent control flow, unsupported calls)."""
+
+
 class _Tracer(fx.Tracer):
     # A module type with a rule of its own (exact type: a subclass may change forward) is one node.
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -85,7 +89,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
         The graph module.
 
     Raises:
-        ValueError: naming the tracing error when the model cannot be traced.
+        TraceError: (a ``ValueError``) naming the tracing error when the model cannot be traced.
 
     Example:
         >>> [n.op for n in trace(nn.Sequential(nn.Linear(2, 2))).graph.nodes]
@@ -94,7 +98,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         graph = _Tracer().trace(model)
     except Exception as err:  # fx raises many types; the message is what the user needs
-        raise ValueError(
+        raise TraceError(
             f"Could not trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); the bound needs a "
             "model without data-dependent control flow"
         ) from err
