@@ -33,7 +33,15 @@ import torch
 from torch import nn
 
 from ._checks import positive_int
-from .bound import EXACT_THRESHOLD, LipschitzBound, NoLipschitzRuleError, TraceError, layer_bound, lipschitz_bound, power_sigma
+from .bound import (
+    EXACT_THRESHOLD,
+    LipschitzBound,
+    NoLipschitzRuleError,
+    TraceError,
+    layer_bound,
+    lipschitz_bound,
+    power_sigma,
+)
 from .bound.capture import Stop, call_model, find_stop
 from .bound.layer_facts import CONV_TYPES, HEAD_TYPES, LINEAR_TYPES, weight_shape
 from .metrics import layer_metrics
@@ -80,7 +88,8 @@ def _default_input_shape(model: nn.Module) -> tuple[int, ...]:
     raise ValueError("The model has no eligible layer (Linear, Conv1d/2d, LowRankLinear, LowRankConv2d) to report on")
 
 
-def _inputs(model: nn.Module, input_shape: Sequence[int] | None, example_input: Any) -> tuple[tuple[int, ...] | None, Any]:
+def _inputs(model: nn.Module, input_shape: Sequence[int] | None,
+            example_input: Any) -> tuple[tuple[int, ...] | None, Any]:
     """``(input shape for the bound or None, one example batch)``."""
     if example_input is None:
         shape = _default_input_shape(model) if input_shape is None else tuple(input_shape)
@@ -91,7 +100,8 @@ def _inputs(model: nn.Module, input_shape: Sequence[int] | None, example_input: 
                                   device=p.device if p is not None else "cpu")
     if isinstance(example_input, torch.Tensor) and example_input.is_floating_point():
         if example_input.dim() < 2:
-            raise ValueError(f"Expected example_input to be a batch (N, ...), but got shape {tuple(example_input.shape)}")
+            raise ValueError("Expected example_input to be a batch (N, ...), but got shape "
+                             f"{tuple(example_input.shape)}")
         shape = tuple(int(s) for s in example_input.shape[1:])
         if input_shape is not None and tuple(input_shape) != shape:
             raise ValueError(f"input_shape={tuple(input_shape)} does not match example_input.shape[1:]={shape}")
@@ -190,6 +200,10 @@ def _input_shapes(model: nn.Module, example: Any, names: Sequence[str]) -> dict[
             handles.append(model.get_submodule(name).register_forward_hook(hook))
         with torch.no_grad():
             call_model(model, example)
+    except Exception as err:  # the user's model: any error, reported with what to pass instead
+        raise ValueError(f"The model does not run on the example input ({type(err).__name__}: {err}); pass "
+                         "example_input= as the model takes it (a tensor, or a dict such as {'input_ids': ids})"
+                         ) from err
     finally:
         for h in handles:
             h.remove()

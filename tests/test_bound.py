@@ -623,3 +623,15 @@ def test_a_rule_is_one_table_entry_and_unknown_nodes_are_named():
     with torch.no_grad():
         model[0].weight.copy_(torch.eye(3))
     assert lipschitz_bound(model, (3,)).K2 == pytest.approx(2.0, rel=1e-5)
+
+
+def test_a_bound_that_overflows_float64_is_an_error_naming_the_node():
+    # Each layer is finite (σ = 1e200), their product is not: never an inf or nan bound (inf·0 = nan).
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False))
+    model.double()
+    with torch.no_grad():
+        model[0].weight.copy_(1e200 * torch.eye(2, dtype=torch.float64))
+        model[1].weight.copy_(1e200 * torch.eye(2, dtype=torch.float64))
+        model[2].weight.zero_()
+    with pytest.raises(ValueError, match=r"overflows float64 at module '1' \(Linear\)"):
+        lipschitz_bound(model, (2,))

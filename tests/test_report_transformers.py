@@ -160,3 +160,13 @@ def test_report_json_with_an_all_zero_layer_is_valid_json():
     assert zero["frobenius"] == 0.0 and zero["sigma_bound"] == 0.0
     assert "Infinity" not in text and "NaN" not in text
     assert "K_2 = 0" in format_report(rows)
+
+
+def test_a_model_that_does_not_run_on_the_default_input_says_what_to_pass():
+    cfg = transformers.BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                                  vocab_size=20, max_position_embeddings=8, num_labels=2)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    with pytest.raises(ValueError, match="pass example_input= as the model takes it"):
+        _quiet(report, model, k=1)
+    with pytest.raises(TypeError, match="example_input"):
+        report(model, example_input="text")

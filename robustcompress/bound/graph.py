@@ -26,13 +26,10 @@ from torch import nn
 from .._checks import norm_arg
 from .layer_facts import BATCHNORM_TYPES, HEAD_TYPES, LEAF_TYPES
 from .matrix import EXACT_THRESHOLD
-from .rules import MODULE_RULES, rule_for
+from .rules import DROPOUT_TYPES, MODULE_RULES, rule_for
 from .walk import CONST, SHAPE_KEY, NodeFactor, Walk, nodes_in
 
 __all__ = ["LipschitzBound", "TraceError", "lipschitz_bound", "trace"]
-
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
-
 
 @dataclass
 class LipschitzBound:
@@ -146,7 +143,7 @@ def _check_args(model: Any, input_shape: Any) -> tuple[int, ...]:
                 f"BatchNorm {name!r} is in training mode: its output depends on the batch, so the network has no "
                 "per-input Lipschitz bound; call model.eval() first"
             )
-        if isinstance(m, _DROPOUTS) and m.training and m.p > 0:
+        if isinstance(m, DROPOUT_TYPES) and m.training and m.p > 0:
             raise ValueError(f"Dropout {name!r} is in training mode (random output); call model.eval() first")
     return tuple(int(s) for s in input_shape)
 

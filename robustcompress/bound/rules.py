@@ -55,11 +55,14 @@ from .norms import inf_to_2_bound, layer_bound, operator_frobenius
 from .pooling import POOL_FUNCTIONS, POOL_MODULES, pool_factor
 from .walk import CONST, NodeFactor, Val, Walk, nodes_in
 
-__all__ = ["Rule", "OP_RULES", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES", "TABLES", "rule_for", "rule_kind",
-           "linear_rule", "add_rule"]
+__all__ = ["Rule", "DROPOUT_TYPES", "OP_RULES", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES", "TABLES",
+           "rule_for", "rule_kind", "linear_rule", "add_rule"]
 
 #: ``rule(walk, node)``: records the node's value in the walk.
 Rule = Callable[[Walk, fx.Node], None]
+
+#: Dropout modules: the identity in eval mode (a model in training mode is refused up front).
+DROPOUT_TYPES: tuple[type, ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 
 
 # ---------------------------------------------------------------------------- node kinds
@@ -115,7 +118,8 @@ def linear_rule(walk: Walk, node: fx.Node) -> None:
         i2 = inf_to_2_bound(mod, shape, bn, sigma_bound=sig)
         kinf = min(kinf, i2 * v.ainf)
     note = f"folded {bn_name}" if bn is not None else ""
-    walk.record(node, Val(sig * v.k2, kinf, None), NodeFactor(node.name, node.target, "linear", sig, i2, fro, shape, note))
+    walk.record(node, Val(sig * v.k2, kinf, None),
+                NodeFactor(node.name, node.target, "linear", sig, i2, fro, shape, note))
     walk.split["scale"] += walk.log(fro)
     walk.split["concentration"] += 0.5 * (2 * walk.log(sig) - 2 * walk.log(fro)) if fro > 0 else -float("inf")
 
@@ -124,7 +128,8 @@ def batchnorm_rule(walk: Walk, node: fx.Node) -> None:
     """An eval BatchNorm: folded into the layer before it (factor 1 here), else ``max |γ|/√(var+ε)``."""
     if node in walk.folded:
         lin = walk.folded[node]
-        walk.record(node, walk.vals[lin], NodeFactor(node.name, node.target, "bn", 1.0, note=f"folded into {lin.target}"))
+        walk.record(node, walk.vals[lin],
+                    NodeFactor(node.name, node.target, "bn", 1.0, note=f"folded into {lin.target}"))
         return
     s = float(bn_scale(walk.module(node), node.target).abs().max())
     walk.elementwise(node, round_up(s), "bn", "other", "not folded: max |γ|/√(var+ε)")
@@ -277,8 +282,7 @@ MODULE_RULES: dict[type, Rule] = {
     **{t: batchnorm_rule for t in BATCHNORM_TYPES},
     **{t: activation_module_rule for t in (*ACTIVATION_LIPSCHITZ, nn.LeakyReLU, nn.ELU, nn.GELU)},
     **{t: pool_module_rule for t in POOL_MODULES},
-    **{t: identity_rule for t in (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-                                  nn.AlphaDropout)},
+    **{t: identity_rule for t in (nn.Flatten, nn.Unflatten, nn.Identity, *DROPOUT_TYPES)},
 }
 
 #: Rules per function.

@@ -24,6 +24,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .matrix import EXACT_THRESHOLD
+
 __all__ = ["Val", "CONST", "NodeFactor", "NoLipschitzRuleError", "Walk", "nodes_in", "SHAPE_KEY"]
 
 #: ``node.meta`` key of a tensor node's shape without the batch dimension.
@@ -119,7 +121,8 @@ class Walk:
         (True, 0.0)
     """
 
-    def __init__(self, gm: fx.GraphModule, n_in: int, method: str = "auto", exact_threshold: int = 1 << 18) -> None:
+    def __init__(self, gm: fx.GraphModule, n_in: int, method: str = "auto",
+                 exact_threshold: int = EXACT_THRESHOLD) -> None:
         self.gm = gm
         self.modules: dict[str, nn.Module] = dict(gm.named_modules())
         self.n_in = n_in
@@ -174,6 +177,9 @@ class Walk:
     def record(self, node: fx.Node, val: Val, factor: NodeFactor, split_key: str | None = None,
                log_factor: float = 0.0) -> None:
         """Store the node's value and factor, adding ``log_factor`` to ``split[split_key]``."""
+        if not (math.isfinite(val.k2) and math.isfinite(val.kinf)):
+            raise ValueError(f"The Lipschitz bound overflows float64 at {self.describe(node)} (K2 = {val.k2}, "
+                             f"Kinf = {val.kinf}): the per-layer norms multiply to more than 1.8e308")
         self.vals[node] = val
         self.factors.append(factor)
         if split_key:
@@ -181,7 +187,7 @@ class Walk:
 
     def elementwise(self, node: fx.Node, factor: float, kind: str, split_key: str | None, note: str = "",
                     factor_inf: float | None = None) -> None:
-        """A map of the node's one input with ℓ2 factor ``factor`` (ℓ∞→ℓ∞ factor ``factor_inf``, default the same)."""
+        """A map of the node's one input with ℓ2 factor ``factor`` (ℓ∞→ℓ∞ ``factor_inf``, default the same)."""
         _, v = self.only_var(node)
         finf = factor if factor_inf is None else factor_inf
         val = Val(v.k2 * factor, v.kinf * factor, None if v.ainf is None else v.ainf * finf)
