@@ -1,6 +1,7 @@
 """Certified bounds: every per-layer bound ≥ the exact norm, every rule attained, soundness on trained nets."""
 
 import copy
+import re
 import math
 
 import pytest
@@ -383,27 +384,42 @@ def _check_soundness(model, x, y, norm):
     return b, r
 
 
+def _assert_bound_leaves_model_alone(model, x, y, norm):
+    """The bound and the radius change no weight, buffer, gradient or mode of the model."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    modes = [m.training for m in model.modules()]
+    b = lipschitz_bound(model, tuple(x.shape[1:]), norm)
+    certified_radius(model, x, y, norm, bound=b)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    for g, p in zip(grads, model.parameters()):
+        assert (p.grad is None) if g is None else torch.equal(p.grad, g)
+    assert [m.training for m in model.modules()] == modes
+
+
 @pytest.mark.parametrize("norm", [2, float("inf")])
 def test_soundness_trained_mlp(trained_digits_mlp, digits_data, norm):
     model = copy.deepcopy(trained_digits_mlp)
     _, test = digits_data
     x, y = test.tensors[0][:64], test.tensors[1][:64]
+    _assert_bound_leaves_model_alone(model, x, y, norm)
     _check_soundness(model, x, y, norm)
-    for p in model.parameters():
-        assert p.grad is None or float(p.grad.abs().sum()) >= 0  # the bound itself adds none
 
 
 @pytest.mark.parametrize("norm", [2, float("inf")])
 def test_soundness_trained_resnet_like_cnn(trained_cnn, digits_data, norm):
     _, test = digits_data
     x, y = test.tensors[0][:48].reshape(-1, 1, 8, 8), test.tensors[1][:48]
-    grads_before = [p.grad for p in trained_cnn.parameters()]
-    b, _ = _check_soundness(trained_cnn, x, y, norm)
+    model = copy.deepcopy(trained_cnn)
+    # Gradients present before (as in a training loop) must come through the bound untouched.
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    _assert_bound_leaves_model_alone(model, x, y, norm)
+    b, _ = _check_soundness(model, x, y, norm)
     kinds = {f.kind for f in b.factors}
     assert {"linear", "add", "pool", "activation", "bn"} <= kinds
     assert [f.note for f in b.factors if f.target == "bnp"] == ["folded into proj"]
-    assert trained_cnn.training is False
-    del grads_before
+    assert model.training is False
 
 
 def test_certified_radius_exact_for_a_linear_classifier():
@@ -480,10 +496,15 @@ def test_bad_input_is_a_clear_error():
 
 def test_docstring_examples_run():
     import doctest
+    import importlib
+    import pkgutil
 
-    import robustcompress.bound as mod
+    import robustcompress.bound as pkg
 
-    assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"robustcompress.bound.{info.name}")
+        assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0, info.name
+    assert doctest.testmod(pkg, optionflags=doctest.ELLIPSIS).failed == 0
 
 
 def test_linear_on_a_sequence_is_not_folded_with_batchnorm_over_the_sequence_axis():
@@ -502,3 +523,115 @@ def test_linear_on_a_sequence_is_not_folded_with_batchnorm_over_the_sequence_axi
     true = torch.linalg.svdvals(jac)[0].item()
     assert true == pytest.approx(1000.0, rel=1e-3)
     assert lipschitz_bound(model, (4, 4)).K2 >= true * (1 - 1e-6)
+
+
+# ---------------------------------------------------------------- faults: non-finite values name where they are
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["linear", "conv", "lowrank"])
+def test_nonfinite_weights_name_the_layer(bad, where):
+    if where == "linear":
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        weight, shape, name = model[2].weight, (4,), "'2' (Linear)"
+    elif where == "conv":
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 3 * 3, 2))
+        weight, shape, name = model[0].weight, (1, 5, 5), "'0' (Conv2d)"
+    else:
+        model = nn.Sequential(nn.Linear(4, 4), LowRankLinear(4, 3, rank=2))
+        weight, shape, name = model[1].weight_a, (4,), "'1' (LowRankLinear)"
+    with torch.no_grad():
+        weight.view(-1)[1] = bad
+    with pytest.raises(ValueError, match=rf"layer {re.escape(name)} has non-finite weights \(NaN or Inf\)"):
+        lipschitz_bound(model, shape)
+    with pytest.raises(ValueError, match="non-finite weights"):
+        layer_bound(model[0] if where == "conv" else model[-1], shape if where == "conv" else None)
+
+
+def test_nonfinite_batchnorm_and_constants_name_the_module():
+    for folded in (True, False):
+        model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)) if folded else nn.Sequential(
+            nn.Linear(3, 3), nn.ReLU(), nn.BatchNorm1d(3))
+        model.eval()
+        with torch.no_grad():
+            model[-1].running_var[0] = float("nan")
+        with pytest.raises(ValueError, match=rf"BatchNorm '{len(model) - 1}' \(BatchNorm1d\) has a non-finite scale"):
+            lipschitz_bound(model, (3,))
+
+    class Norm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("sd", torch.tensor([1.0, float("nan")]))
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.lin(x / self.sd)
+
+    with pytest.raises(ValueError, match="truediv.*constant operand with NaN or Inf"):
+        lipschitz_bound(Norm(), (2,))
+
+
+def test_certified_radius_refuses_nonfinite_rows():
+    model = nn.Sequential(nn.Linear(2, 3))
+    x = torch.tensor([[1.0, 0.0], [float("nan"), 0.0], [0.0, float("inf")]])
+    y = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=r"x has NaN or Inf entries in rows \[1, 2\]"):
+        certified_radius(model, x, y)
+    # Finite inputs whose logits overflow: the radius would be nan, so it is an error too.
+    big = nn.Sequential(nn.Linear(2, 3))
+    with torch.no_grad():
+        big[0].weight.fill_(3e38)
+    with pytest.raises(ValueError, match=r"logits are NaN or Inf for rows \[0\]"):
+        certified_radius(big, torch.tensor([[10.0, 10.0]]), torch.tensor([0]))
+    # The finite rows alone get finite radii.
+    r = certified_radius(model, x[:1], y[:1])
+    assert bool(torch.isfinite(r).all())
+
+
+# ---------------------------------------------------------------- the rule tables
+
+
+def test_a_rule_is_one_table_entry_and_unknown_nodes_are_named():
+    from robustcompress.bound import NoLipschitzRuleError, rules
+
+    class Clip(nn.Module):  # x ↦ clamp(2x, −1, 1): 2-Lipschitz, and torch.clamp has no rule of its own
+        def forward(self, x):
+            return torch.clamp(2 * x, -1, 1)
+
+    model = nn.Sequential(nn.Linear(3, 3, bias=False), Clip())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(3))
+    with pytest.raises(NoLipschitzRuleError, match="No Lipschitz rule for function 'clamp'") as info:
+        lipschitz_bound(model, (3,))
+    assert info.value.target == "clamp" and info.value.module_type is None
+    rules.MODULE_RULES[Clip] = lambda walk, node: walk.elementwise(node, 2.0, "activation", "activation")
+    try:
+        b = lipschitz_bound(model, (3,))
+    finally:
+        del rules.MODULE_RULES[Clip]
+    assert b.K2 == pytest.approx(2.0, rel=1e-5) and b.K2 >= 2.0
+    assert [f.kind for f in b.factors] == ["input", "linear", "activation"]
+    with pytest.raises(NoLipschitzRuleError) as info:
+        lipschitz_bound(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), (3,))
+    assert (info.value.node, info.value.target, info.value.module_type) == ("_1", "1", "LayerNorm")
+    # A subclass of an activation with its own forward is traced through, not given the parent's constant 1.
+    class Doubled(nn.ReLU):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.Linear(3, 3, bias=False), Doubled())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(3))
+    assert lipschitz_bound(model, (3,)).K2 == pytest.approx(2.0, rel=1e-5)
+
+
+def test_a_bound_that_overflows_float64_is_an_error_naming_the_node():
+    # Each layer is finite (σ = 1e200), their product is not: never an inf or nan bound (inf·0 = nan).
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False))
+    model.double()
+    with torch.no_grad():
+        model[0].weight.copy_(1e200 * torch.eye(2, dtype=torch.float64))
+        model[1].weight.copy_(1e200 * torch.eye(2, dtype=torch.float64))
+        model[2].weight.zero_()
+    with pytest.raises(ValueError, match=r"overflows float64 at module '1' \(Linear\)"):
+        lipschitz_bound(model, (2,))
