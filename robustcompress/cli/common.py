@@ -199,9 +199,9 @@ def example_input(data: Any, shape: tuple[int, ...] | None, model: nn.Module) ->
 
 
 def json_safe(value: Any) -> Any:
-    """Non-finite floats as the strings ``"nan"``, ``"inf"``, ``"-inf"`` (JSON has no such numbers)."""
+    """Non-finite floats as ``null`` (JSON has no such numbers), as :func:`~robustcompress.reporting.report` does."""
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+        return None
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
