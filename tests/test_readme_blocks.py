@@ -43,3 +43,17 @@ def test_compression_snippet(tmp_path, monkeypatch, trained_digits_mlp, digits_d
     assert scope["pruned"].get_submodule("1").out_features == 32
     x = test.tensors[0][:16]
     assert torch.equal(scope["same"](x), scope["small"](x))
+
+
+def test_estimate_error_snippet():
+    printed = []
+    scope = {"print": printed.append}
+    exec(_block("sigma1_bounds"), scope)  # noqa: S102 - the README's code
+    interval, (lo, hi) = printed
+    w = scope["model"][0].weight.detach().double()
+    s = torch.linalg.svdvals(w)
+    assert interval.shape == (2, 2)
+    assert lo <= float(s[0]) * (1 + 1e-6) and float(s[0]) <= hi * (1 + 1e-6)
+    for left, right in interval.tolist():
+        candidates = torch.cat([s, torch.zeros(1, dtype=s.dtype)])
+        assert bool(((candidates >= left - 1e-5) & (candidates <= right + 1e-5)).any())
