@@ -247,8 +247,11 @@ class Tracker:
                 continue
             s1 = self.state.sigmas(name)[0]
             f = self.state.frobenius(name)
+            # The residual interval of the top Ritz pair: some singular value lies in [low, high].
+            low, high = self.state.residual_interval(name)[0].tolist()
             rows += [self._row(name, "sigma_1", s1), self._row(name, "frobenius", f),
-                     self._row(name, "weight_stable_rank", f.square() / s1.square() if float(s1) > 0 else float("nan"))]
+                     self._row(name, "weight_stable_rank", f.square() / s1.square() if float(s1) > 0 else float("nan")),
+                     self._row(name, "sigma_1_interval_low", low), self._row(name, "sigma_1_interval_high", high)]
         return rows
 
     def _raise_nonfinite(self) -> None:

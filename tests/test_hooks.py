@@ -49,6 +49,10 @@ def test_activation_statistics_match_references():
     assert got["sigma_1"] == pytest.approx(sig, rel=1e-2) and got["sigma_1"] <= sig * (1 + 1e-6)
     assert got["weight_stable_rank"] == pytest.approx(
         float(model[0].weight.detach().double().square().sum()) / sig ** 2, rel=1e-2)
+    # The logged residual interval holds a singular value of the weight (0 counts: the weight is not square).
+    all_s = torch.linalg.svdvals(model[0].weight.detach().double()).tolist() + [0.0]
+    assert any(got["sigma_1_interval_low"] - 1e-6 <= v <= got["sigma_1_interval_high"] + 1e-6 for v in all_s)
+    assert got["sigma_1_interval_low"] <= got["sigma_1_interval_high"]
 
 
 def test_conv_outputs_use_channels_as_units():
