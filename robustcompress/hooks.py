@@ -17,9 +17,11 @@ recurrent layer's, the data of a ``PackedSequence``) gives
 and, from the shared :class:`~robustcompress.spectral.SpectralState`, each
 layer's ``sigma_1`` (warm estimate), ``frobenius`` and ``weight_stable_rank``
 ``‖W‖_F²/σ₁²``. Off-steps cost a counter check plus, with ``check_finite``,
-one ``isfinite().all()`` per layer output accumulated into a device flag
-(no host synchronisation); the flag is read, and a NaN/Inf raised naming the
-first layer, at the next tracking step.
+one finiteness check per layer output, accumulated into a flag that is read
+at the end of the forward pass that met it: a NaN/Inf raises there, naming
+the first layer. On CUDA, reading the flag synchronises with the host;
+``check_every=N`` reads it every N training forwards instead (a NaN is then
+reported up to N − 1 steps late). On CPU it is read every forward, whatever N.
 
 Example:
     >>> import torch
@@ -143,7 +145,7 @@ class Tracker:
     """
 
     def __init__(self, model: nn.Module, every: int, names: list[str], sink: Any, state: SpectralState | None,
-                 owns_state: bool, check_finite: bool, activations: bool) -> None:
+                 owns_state: bool, check_finite: bool, activations: bool, check_every: int = 1) -> None:
         self.model = model
         self.every = every
         self.names = names
@@ -152,6 +154,8 @@ class Tracker:
         self.state = state
         self._owns_state = owns_state
         self.check_finite = check_finite
+        self.check_every = check_every
+        self._unchecked = 0
         self.activations = activations
         self.steps = 0
         self._active = False
@@ -205,6 +209,16 @@ class Tracker:
         return hook
 
     def _root_post(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self.check_finite and module.training:
+            self._unchecked += 1
+            on_cuda = any(f.device.type == "cuda" for f in self._flags.values())
+            if self._unchecked >= self.check_every or not on_cuda:
+                self._unchecked = 0
+                try:
+                    self._raise_flagged_outputs()
+                except FloatingPointError:
+                    self._active, self._pending = False, []
+                    raise
         if not self._active:
             return
         self._active = False
@@ -260,12 +274,15 @@ class Tracker:
                 if not bool(torch.isfinite(p.detach()).all()):
                     raise FloatingPointError(f"Non-finite values (NaN/Inf) in the weights of layer {name!r} "
                                              f"({pname}), seen at tracking step {self._step}")
+        self._raise_flagged_outputs()
+
+    def _raise_flagged_outputs(self) -> None:
         for name in self._modules:
             flag = self._flags.get(name)
             if flag is not None and bool(flag):
                 self._flags = {}
-                raise FloatingPointError(f"Non-finite values (NaN/Inf) in the output of layer {name!r} on a "
-                                         f"training step before tracking step {self._step}")
+                raise FloatingPointError(f"Non-finite values (NaN/Inf) in the output of layer {name!r} "
+                                         f"(training forward pass {self.steps - 1} or up to check_every - 1 before it)")
 
     # -------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -346,7 +363,7 @@ class Tracker:
 
 def track(model: nn.Module, every: int = 100, layers: Any = None, sink: Any = None,
           state: SpectralState | None = None, check_finite: bool = True, activations: bool = True,
-          weights: bool = True) -> Tracker:
+          weights: bool = True, check_every: int = 1) -> Tracker:
     """Record representation and weight statistics every ``every`` training steps.
 
     Args:
@@ -360,8 +377,12 @@ def track(model: nn.Module, every: int = 100, layers: Any = None, sink: Any = No
             ``{"step", "layer", "metric", "value"}``.
         state: a shared ``SpectralState`` of ``model`` for the weight metrics;
             None builds one (stepped twice per tracking step).
-        check_finite: flag NaN/Inf in layer outputs on every step (device-side)
-            and raise at the next tracking step, naming the layer.
+        check_finite: check layer outputs for NaN/Inf on every training forward
+            and raise at the end of the forward that met one, naming the layer.
+        check_every: on CUDA, read the device-side flag every this many
+            training forwards (1: every forward, one host synchronisation each;
+            N > 1 defers the error by up to N − 1 steps). CPU flags are read
+            every forward regardless (reading them costs nothing).
         activations: record the representation statistics.
         weights: record the weight metrics.
 
@@ -378,6 +399,7 @@ def track(model: nn.Module, every: int = 100, layers: Any = None, sink: Any = No
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected model to be an nn.Module, but got {type(model).__name__}")
     positive_int(every, "every")
+    positive_int(check_every, "check_every")
     for flag, nm in ((check_finite, "check_finite"), (activations, "activations"), (weights, "weights")):
         if not isinstance(flag, bool):
             raise TypeError(f"Expected {nm} to be a bool, but got {nm}={flag!r}")
@@ -395,4 +417,4 @@ def track(model: nn.Module, every: int = 100, layers: Any = None, sink: Any = No
         owns = True
     elif not weights:
         state = None
-    return Tracker(base, every, names, sink, state, owns, check_finite, activations)
+    return Tracker(base, every, names, sink, state, owns, check_finite, activations, check_every)

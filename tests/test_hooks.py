@@ -110,16 +110,17 @@ def test_remove_takes_every_hook_off():
     assert t.records == []
 
 
-def test_nan_activation_is_raised_at_the_next_tracking_step_naming_the_layer():
+def test_nan_activation_is_raised_in_the_forward_that_meets_it_naming_the_layer():
     model = mlp()
-    t = track(model, every=3, weights=False)
+    t = track(model, every=3, weights=False, check_every=5)  # check_every defers only on CUDA
     model(torch.randn(4, 6))
     x = torch.randn(4, 6)
     x[0, 0] = float("nan")
-    model(x)  # off-step: flagged on the device, no raise
-    model(torch.randn(4, 6))
-    with pytest.raises(FloatingPointError, match="layer '0'"):
-        model(torch.randn(4, 6))
+    with pytest.raises(FloatingPointError, match="layer '0'.*forward pass 1"):
+        model(x)  # an off-step: still raised in this call
+    model(torch.randn(4, 6))  # the flag was cleared: the next clean step passes
+    with pytest.raises(ValueError, match="check_every"):
+        track(model, check_every=0)
     t.remove()
 
 
