@@ -83,6 +83,9 @@ def main() -> None:
         for v, (state, _) in variants.items():
             errs = [(true[n] - float(state.sigmas(n)[0])) / true[n] for n in names]
             errors[v].append((max(errs), statistics.median(errs)))
+        if (step + 1) % 25 == 0:
+            print(f"step {step + 1}: max error " + ", ".join(f"{v} {errors[v][-1][0]:.4f}" for v in variants),
+                  flush=True)
     elapsed = time.perf_counter() - t0
 
     base = {k: variants[f"k={k} 1 iter"][0].layer_iterations for k in (1, 2)}
