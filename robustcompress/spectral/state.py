@@ -39,6 +39,7 @@ from .._checks import nonnegative_int, positive_int
 from ..layers import LowRankConv2d, LowRankLinear
 from .backends import FusedBackend, ProductBackend, TorchBackend
 from .iteration import cholesky_qr2
+from .sharded import ShardedBackend, ShardedView, is_sharded, sharded_view
 from .views import SUPPORTED_LAYERS, LinearOperator, LowRankView, MatrixView, operator_for
 
 __all__ = ["SpectralState", "record_input_shapes", "unsupported_reason"]
@@ -327,7 +328,8 @@ class SpectralState(nn.Module):
         self._names = tracked
         self._ops: dict[str, LinearOperator] = {}
         for name in tracked:
-            self._ops[name] = operator_for(named[name], view, shapes.get(name), self._bn.get(name))
+            self._ops[name] = self._operator(name, named[name])
+        self._sharded = ShardedBackend()
 
         gen = torch.Generator().manual_seed(seed)
         self.layers = nn.ModuleDict()
@@ -335,6 +337,8 @@ class SpectralState(nn.Module):
             op = self._ops[name]
             m, n = op.shape
             self.layers[_key(name)] = _LayerBuffers(m, n, min(k, m, n), op.dtype, op.device, gen)
+            if isinstance(op, ShardedView):
+                op.shard_buffers(self.layers[_key(name)])
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self._cache_version = None
         if init_iter:
@@ -411,6 +415,8 @@ class SpectralState(nn.Module):
         """
         b = self._buf(name)
         op = self._ops[self.aliases.get(name, name)]
+        if isinstance(op, ShardedView):
+            return op.sigmas_expr(b, 1)[0]
         u, v = b.U[:, :1].detach(), b.V[:, :1].detach()
         return (u * op.matvec(v)).sum()
 
@@ -418,12 +424,15 @@ class SpectralState(nn.Module):
         """Differentiable ``σ_j ≈ u_jᵀ W v_j`` for all k tracked directions."""
         b = self._buf(name)
         op = self._ops[self.aliases.get(name, name)]
+        if isinstance(op, ShardedView):
+            return op.sigmas_expr(b, b.S.numel())
         return (b.U.detach() * op.matvec(b.V.detach())).sum(0)
 
     def frobenius(self, name: str) -> torch.Tensor:
         """``‖W‖_F`` of the iterated operator (differentiable)."""
-        self._buf(name)
-        return self._ops[self.aliases.get(name, name)].frobenius()
+        b = self._buf(name)
+        op = self._ops[self.aliases.get(name, name)]
+        return op.frobenius_expr(b) if isinstance(op, ShardedView) else op.frobenius()
 
     # ------------------------------------------------------------------ iteration
     def _check_shapes(self) -> None:
@@ -437,10 +446,13 @@ class SpectralState(nn.Module):
             current = old.a if isinstance(old, LowRankView) else (old.weight if isinstance(old, MatrixView) else old.reference)
             if ref is not current:
                 # The parameter object was replaced (e.g. by pruning): rebuild the view.
-                self._ops[name] = operator_for(module, self.view, self._input_shapes.get(name), self._bn.get(name))
+                self._ops[name] = self._operator(name, module)
             op = self._ops[name]
             m, n = op.shape
             buf = self.layers[_key(name)]
+            if isinstance(op, ShardedView):
+                # A model sharded after the state was built: its warm vectors are sliced to match.
+                op.shard_buffers(buf)
             if buf.V.device != op.device or buf.V.dtype != op.dtype:
                 # The model moved (model.cuda(), model.double()): the warm vectors follow it.
                 buf.to(device=op.device, dtype=op.dtype)
@@ -448,6 +460,12 @@ class SpectralState(nn.Module):
                 raise ValueError(
                     f"Layer {name!r} changed shape since the SpectralState was built: operator was "
                     f"{buf.U.shape[0]}×{buf.V.shape[0]}, now {m}×{n}. Build a new SpectralState.")
+
+    def _operator(self, name: str, module: nn.Module) -> LinearOperator:
+        """The operator of one tracked layer: the sharded view when its weight is a DTensor."""
+        if is_sharded(module.weight_a if isinstance(module, (LowRankLinear, LowRankConv2d)) else module.weight):
+            return sharded_view(name, module, self.view, self._bn.get(name))
+        return operator_for(module, self.view, self._input_shapes.get(name), self._bn.get(name))
 
     def _products(self, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``U₀ = W V`` and ``Y = Wᵀ U₀`` for every layer, each back-end taking the layers it computes."""
@@ -477,13 +495,16 @@ class SpectralState(nn.Module):
         positive_int(n_iter, "n_iter")
         self._check_shapes()
         finite_flags: list[torch.Tensor] = []
+        sharded = {n: op for n, op in self._ops.items() if isinstance(op, ShardedView)}
+        plain = [n for n in self._names if n not in sharded]
         for _ in range(n_iter):
-            products = self._products(self._names)
+            products = self._products(plain)
             by_k: dict[tuple, list[str]] = {}
-            for name in self._names:
+            for name in plain:
                 u0 = products[name][0]
                 by_k.setdefault((u0.shape[1], str(u0.device), u0.dtype), []).append(name)
-            flags = {}
+            # Sharded layers: one all-reduce for all of them, the update from reduced values.
+            flags = self._sharded.step(sharded, {n: self.layers[_key(n)] for n in sharded})
             for (k, _, _), members in by_k.items():
                 update = self._power_update if k == 1 else self._ritz_update
                 flags.update(update(members, products))
