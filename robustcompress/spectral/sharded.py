@@ -63,7 +63,8 @@ from ..layers import LowRankConv2d, LowRankLinear
 from .iteration import cholesky_qr2
 from .views import LinearOperator
 
-__all__ = ["is_sharded", "ShardedView", "ShardedBackend", "local_products", "ritz_update", "sharded_view"]
+__all__ = ["is_sharded", "ShardedView", "ShardedBackend", "local_products", "ritz_update", "sharded_view",
+           "refuse_bn_folding"]
 
 if dist.is_available():
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -327,6 +328,23 @@ class ShardedView(LinearOperator):
 
     def blocks(self):
         self._refuse("blocks()")
+
+
+def refuse_bn_folding(model: nn.Module) -> None:
+    """Raise if ``model`` has a BatchNorm with running statistics: folding it into sharded weights is not supported.
+
+    The state folds a BatchNorm into the layer before it (``fold_bn=True``);
+    on a sharded model it refuses rather than silently iterating the unfolded
+    weight.
+
+    Example:
+        >>> refuse_bn_folding(nn.Sequential(nn.Linear(2, 2)))
+    """
+    bns = [n for n, m in model.named_modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if bns:
+        raise ValueError(f"The model has sharded (DTensor) weights and BatchNorm layers {bns}: folding a "
+                         "BatchNorm into a sharded weight is not supported yet; pass fold_bn=False")
 
 
 def sharded_view(name: str, module: nn.Module, view: str = "matrix", bn: nn.Module | None = None,

@@ -39,7 +39,7 @@ from .._checks import nonnegative_int, positive_int
 from ..layers import LowRankConv2d, LowRankLinear
 from .backends import FusedBackend, ProductBackend, TorchBackend
 from .iteration import cholesky_qr2
-from .sharded import ShardedBackend, ShardedView, is_sharded, sharded_view
+from .sharded import ShardedBackend, ShardedView, is_sharded, refuse_bn_folding, sharded_view
 from .views import SUPPORTED_LAYERS, LinearOperator, LowRankView, MatrixView, operator_for
 
 __all__ = ["SpectralState", "record_input_shapes", "unsupported_reason"]
@@ -324,7 +324,12 @@ class SpectralState(nn.Module):
         if fold_bn and example_input is None and input_shape is not None:
             p = next(model.parameters())
             example_input = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
-        self._bn = _find_bn_successors(model, tracked, example_input) if fold_bn else {}
+        if fold_bn and any(is_sharded(getattr(named[n], "weight", None)) for n in tracked):
+            # Tracing for BatchNorm successors would run FSDP's forward hooks; there is nothing to fold.
+            refuse_bn_folding(model)
+            self._bn = {}
+        else:
+            self._bn = _find_bn_successors(model, tracked, example_input) if fold_bn else {}
         self._names = tracked
         self._ops: dict[str, LinearOperator] = {}
         for name in tracked:
