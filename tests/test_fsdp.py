@@ -310,6 +310,22 @@ def _train_worker(rank, world, init_file, out_dir):
                 opt.step()
             runs[how] = {n: _full(p.detach()) for n, p in model.named_parameters()}
         out["loss_plus_penalty"] = runs
+
+        # The README's FSDP2 snippet, as written.
+        import pathlib
+        import re
+
+        import robustcompress as rc
+
+        readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+        block = next(b for b in re.findall(r"```python\n(.*?)\n```", readme, flags=re.S) if "fully_shard(model)" in b)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(9, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+        g = torch.Generator().manual_seed(10 + rank)
+        loader = [(torch.randn(4, 9, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)]
+        scope = {"model": model, "loader": loader, "nn": nn, "F": F, "torch": torch, "rc": rc}
+        exec(block, scope)  # noqa: S102 - the README's code
+        out["readme"] = (float(scope["opt"].last_penalty), int(scope["opt"].penalties[0].state.steps))
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -317,6 +333,7 @@ def _train_worker(rank, world, init_file, out_dir):
 
 def test_fsdp_training_with_default_penalties_matches_unsharded_run(tmp_path):
     mp.spawn(_train_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    readme = []
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
@@ -330,3 +347,15 @@ def test_fsdp_training_with_default_penalties_matches_unsharded_run(tmp_path):
         lp = out["loss_plus_penalty"]
         for name in lp["plain"]:
             torch.testing.assert_close(lp["sharded"][name], lp["plain"][name], rtol=1e-10, atol=1e-12)
+        readme.append(out["readme"])
+    # the README snippet trained on both ranks with the same (replicated) penalty value
+    assert readme[0] == readme[1] and readme[0][0] > 0 and readme[0][1] == 3
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import robustcompress.spectral.sharded as mod
+
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted >= 6

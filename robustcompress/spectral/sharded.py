@@ -52,6 +52,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
@@ -66,11 +67,11 @@ from .views import LinearOperator
 __all__ = ["is_sharded", "ShardedView", "ShardedBackend", "local_products", "ritz_update", "sharded_view",
            "refuse_bn_folding"]
 
-if dist.is_available():
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-else:  # pragma: no cover - builds without torch.distributed
-    DTensor = None
+
+def _dtensor():
+    # torch.distributed.tensor costs seconds to import, and any DTensor that
+    # exists has imported it already: look it up instead of importing it.
+    return sys.modules.get("torch.distributed.tensor")
 
 
 def is_sharded(weight: object) -> bool:
@@ -80,7 +81,8 @@ def is_sharded(weight: object) -> bool:
         >>> is_sharded(torch.zeros(2, 2))
         False
     """
-    return DTensor is not None and isinstance(weight, DTensor)
+    mod = _dtensor()
+    return mod is not None and isinstance(weight, mod.DTensor)
 
 
 def local_products(a_local: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -203,6 +205,9 @@ class ShardedView(LinearOperator):
         if weight.dim() < 2 or (transposed and weight.dim() != 2):
             raise ValueError(f"Layer {name!r}: expected a weight with at least 2 dimensions (exactly 2 when "
                              f"transposed), but got shape {tuple(weight.shape)}")
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
         self.name = name
         self.weight = weight
         self.reference = weight
@@ -276,6 +281,8 @@ class ShardedView(LinearOperator):
         _, sharded = self.blocks_of(buf)
         if self.side == "replicated" or is_sharded(getattr(buf, sharded)):
             return
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
         full = getattr(buf, sharded)
         lo, hi = self.local_range
         placements = [Replicate()] * self.weight.device_mesh.ndim
