@@ -4,7 +4,9 @@
 training-mode forward pass of the model (eval-mode passes are neither counted
 nor recorded). On every ``every``-th step (the first included) each tracked
 layer's output ``A`` (``batch × features``; a convolution's output as
-``(batch·positions) × channels``) gives
+``(batch·positions) × channels``: the feature axis comes from the layer
+registry; the first element of a tuple output such as attention's or a
+recurrent layer's, the data of a ``PackedSequence``) gives
 
 * ``effective_rank``: ``exp(−Σ_j p_j log p_j)``, ``p_j = σ_j(A)/Σ_l σ_l(A)``;
 * ``stable_rank``: ``‖A‖_F² / σ₁(A)²``;
@@ -45,8 +47,9 @@ from einops import rearrange
 from torch import nn
 
 from ._checks import positive_int
-from .penalties import _select, unwrap_model
-from .layers import LowRankLinear
+from .layers import find_layers
+from .penalties import unwrap_model
+from .selection import select_layers
 from .spectral import SpectralState
 
 try:  # the metrics module holds the reference definitions; fall back to the formulas inline
@@ -122,6 +125,15 @@ class _Sink:
             self._file = None
 
 
+def _output_tensor(out: Any) -> torch.Tensor | None:
+    """The tensor a layer's output carries: itself, a tuple's first element, a PackedSequence's data."""
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if isinstance(out, nn.utils.rnn.PackedSequence):
+        out = out.data
+    return out if isinstance(out, torch.Tensor) else None
+
+
 class Tracker:
     """The handle :func:`track` returns: ``remove()`` takes every hook off (and closes file sinks).
 
@@ -147,11 +159,17 @@ class Tracker:
         self._pending: list[dict] = []
         self._flags: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
-        named = dict(model.named_modules())
+        # Activations are a module's: one hook per module (attention's Q/K/V/O views
+        # share one output), statistics over the registry's feature axis.
+        catalog = find_layers(model, state.options if state is not None else None)
+        self._modules: dict[str, tuple[nn.Module, int]] = {}
+        for name in names:
+            layer = catalog[name]
+            self._modules.setdefault(layer.module_name, (layer.module, layer.kind.feature_axis))
         self._handles.append(model.register_forward_pre_hook(self._root_pre))
         self._handles.append(model.register_forward_hook(self._root_post))
-        for name in names:
-            self._handles.append(named[name].register_forward_hook(self._layer_hook(name)))
+        for mname, (module, axis) in self._modules.items():
+            self._handles.append(module.register_forward_hook(self._layer_hook(mname, axis)))
 
     # -------------------------------------------------------------- hooks
     def _root_pre(self, module: nn.Module, args: Any) -> None:
@@ -166,9 +184,10 @@ class Tracker:
             self._pending = []  # rows of a tracked forward that raised are dropped, not written late
             self._raise_nonfinite()
 
-    def _layer_hook(self, name: str) -> Callable:
+    def _layer_hook(self, name: str, feature_axis: int) -> Callable:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
-            if not self.model.training or not isinstance(out, torch.Tensor):
+            out = _output_tensor(out)
+            if not self.model.training or out is None:
                 return
             if self.check_finite:
                 with torch.no_grad():
@@ -181,8 +200,7 @@ class Tracker:
                     else:
                         flag.logical_or_(bad)
             if self._active and self.activations:
-                self._pending.extend(self._activation_rows(name, out, features_last=isinstance(
-                    module, (nn.Linear, LowRankLinear))))
+                self._pending.extend(self._activation_rows(name, out, feature_axis))
         return hook
 
     def _root_post(self, module: nn.Module, args: Any, out: Any) -> None:
@@ -198,16 +216,13 @@ class Tracker:
         return {"step": self._step, "layer": layer, "metric": metric, "value": float(value)}
 
     @torch.no_grad()
-    def _activation_rows(self, name: str, out: torch.Tensor, features_last: bool = False) -> list[dict]:
+    def _activation_rows(self, name: str, out: torch.Tensor, feature_axis: int = -1) -> list[dict]:
         a = out.detach()
         if a.dim() < 2:
             return []
         # Rows are samples (and positions), columns the layer's units: channels
         # (dim 1) of a convolution, the last dim of a Linear on (N, …, F).
-        if features_last:
-            a = rearrange(a, "... f -> (...) f").float()
-        else:
-            a = rearrange(a, "n c ... -> (n ...) c").float()
+        a = rearrange(a.movedim(feature_axis, -1), "... f -> (...) f").float()
         if not bool(torch.isfinite(a).all()):
             return []  # reported by the flag at the next tracking step
         s = torch.linalg.svdvals(a)
@@ -236,13 +251,12 @@ class Tracker:
         return rows
 
     def _raise_nonfinite(self) -> None:
-        named = dict(self.model.named_modules())
-        for name in self.names:
-            for pname, p in named[name].named_parameters(recurse=False):
+        for name, (module, _) in self._modules.items():
+            for pname, p in module.named_parameters():
                 if not bool(torch.isfinite(p.detach()).all()):
                     raise FloatingPointError(f"Non-finite values (NaN/Inf) in the weights of layer {name!r} "
                                              f"({pname}), seen at tracking step {self._step}")
-        for name in self.names:
+        for name in self._modules:
             flag = self._flags.get(name)
             if flag is not None and bool(flag):
                 self._flags = {}
@@ -272,7 +286,7 @@ def track(model: nn.Module, every: int = 100, layers: Any = None, sink: Any = No
     Args:
         model: the network (DDP / ``torch.compile`` wrappers are unwrapped).
         every: record on steps ``0, every, 2·every, …`` (a step = a training-mode forward pass).
-        layers: None (every supported Linear/Conv, head included), names, a type
+        layers: None (every layer whose kind penalties act on, head included), names, a type
             or tuple of types, or a predicate ``(name, module) -> bool``.
         sink: None (keep ``tracker.records``), a list, a callable taking one
             record, a ``.csv`` / ``.jsonl`` path, or anything with ``add_scalar``
@@ -307,7 +321,8 @@ def track(model: nn.Module, every: int = 100, layers: Any = None, sink: Any = No
             raise TypeError(f"Expected state to be a SpectralState or None, but got {type(state).__name__}")
         if state.model is not base:
             raise ValueError("The SpectralState given to track() was built for a different model")
-    names = _select(base, layers, exclude_head=False, candidates=None)
+    names = select_layers(base, layers, exclude_head=False,
+                          candidates=None if state is None else state.names)
     owns = False
     if weights and state is None:
         state = SpectralState(base, k=1, layers=names, init_iter=50)

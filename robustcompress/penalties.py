@@ -42,8 +42,9 @@ import torch
 from torch import nn
 
 from ._checks import nonnegative_float, positive_float, positive_int
-from .layers import LowRankConv2d, LowRankLinear
-from .spectral import SUPPORTED_LAYERS, LowRankView, MatrixView, SpectralState, matrix_view, unsupported_reason
+from .layers import LowRankSpec, MatrixSpec, ViewOptions, batchnorm_scale, find_layers
+from .selection import LayerSpec, frozen_layers, select_layers
+from .spectral import LowRankView, MatrixView, SpectralState
 
 __all__ = [
     "StateTerm",
@@ -64,9 +65,6 @@ __all__ = [
 #: Strength of the σ₁² term in :func:`default_penalties` (chosen on the digits MLP, see its docstring).
 DEFAULT_STRENGTH = 1e-2
 
-LayerSpec = Any  # None | Sequence[str] | type | tuple[type, ...] | Callable[[str, nn.Module], bool]
-
-
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The user's model inside ``DistributedDataParallel``, ``DataParallel`` or ``torch.compile``.
 
@@ -82,55 +80,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-def _head_name(model: nn.Module) -> str | None:
-    """The classifier head: the last supported layer in module order."""
-    last = None
-    for name, module in model.named_modules():
-        if isinstance(module, SUPPORTED_LAYERS) and unsupported_reason(module) is None:
-            last = name
-    return last
-
-
-def _select(model: nn.Module, layers: LayerSpec, exclude_head: bool, candidates: Sequence[str] | None) -> list[str]:
-    """Resolve a layer selection to names (module order), with clear errors."""
-    named = dict(model.named_modules())
-    supported = [n for n, m in named.items()
-                 if isinstance(m, SUPPORTED_LAYERS) and unsupported_reason(m) is None]
-    if candidates is not None:
-        supported = [n for n in supported if n in set(candidates)]
-    head = _head_name(model) if exclude_head else None
-    if layers is None:
-        chosen = [n for n in supported if n != head]
-    elif isinstance(layers, str):
-        raise TypeError(f"Expected layers to be a sequence of layer names, but got the single string {layers!r}; "
-                        "wrap it in a list")
-    elif isinstance(layers, type) or (isinstance(layers, tuple) and layers and all(isinstance(t, type) for t in layers)):
-        chosen = [n for n in supported if isinstance(named[n], layers) and n != head]
-    elif callable(layers):
-        chosen = [n for n in supported if n != head and bool(layers(n, named[n]))]
-    else:
-        try:
-            names = list(layers)
-        except TypeError:
-            raise TypeError("Expected layers to be None, a sequence of names, a module type (or tuple of types) "
-                            f"or a predicate (name, module) -> bool, but got layers={layers!r}") from None
-        if not all(isinstance(n, str) for n in names):
-            raise TypeError(f"Expected layer names to be strings, but got layers={layers!r}")
-        unknown = [n for n in names if n not in named]
-        if unknown:
-            raise ValueError(f"Unknown layer names {unknown}; supported layers of this model: {supported}")
-        unusable = [n for n in names if n not in supported]
-        if unusable:
-            raise ValueError(f"Layers {unusable} cannot be penalised (not a supported layer"
-                             f"{' tracked by the given state' if candidates is not None else ''}); "
-                             f"usable layers: {supported}")
-        chosen = [n for n in supported if n in set(names)]
-    if not chosen:
-        raise ValueError(f"The layer selection layers={layers!r} matches no layer (exclude_head={exclude_head}); "
-                         f"supported layers: {supported}")
-    return chosen
 
 
 def _strength_arg(strength: Any) -> float | Callable[[int], float]:
@@ -162,6 +111,14 @@ class StateTerm(nn.Module):
             (only used when building a state; a shared state decides itself).
         exclude_head: leave the classifier head out of type / predicate / default selections.
         input_shape: the model's input shape (operator view, when building a state).
+        attention: attention operators when building a state: ``"projections"``
+            or ``"circuits"`` (see :class:`robustcompress.layers.ViewOptions`).
+
+    Frozen layers: a selected layer whose operator parameters all have
+    ``requires_grad=False`` is left out (listed in :attr:`frozen`); nothing a
+    term computes reaches a frozen tensor (gradients flow only to trainable
+    ones, closed-form and proximal updates target only trainable weights). A
+    selection whose layers are all frozen is an error.
     """
 
     #: directions of the spectrum the term reads (0: none, it uses rows only)
@@ -170,7 +127,7 @@ class StateTerm(nn.Module):
     def __init__(self, state_or_model: SpectralState | nn.Module, *, layers: LayerSpec = None,
                  weights: Mapping[str, float] | None = None, every: int = 1, k: int | None = None,
                  view: str | None = None, fold_bn: bool = True, exclude_head: bool = True,
-                 input_shape: Sequence[int] | None = None) -> None:
+                 input_shape: Sequence[int] | None = None, attention: str = "projections") -> None:
         super().__init__()
         self.every = positive_int(every, "every")
         if k is not None:
@@ -183,14 +140,20 @@ class StateTerm(nn.Module):
             if view is not None and view != state.view:
                 raise ValueError(f"view={view!r} differs from the shared state's view={state.view!r}; "
                                  "build the SpectralState with the view you want")
-            names = _select(state.model, layers, exclude_head, state.names)
+            catalog = find_layers(state.model, state.options)
+            names = select_layers(state.model, layers, exclude_head=exclude_head, candidates=state.names,
+                                  catalog=catalog)
+            names, self.frozen = self._trainable(catalog, names)
             self._owns_state = False
             object.__setattr__(self, "_state", state)  # shared: not a submodule, not saved twice
         elif isinstance(state_or_model, nn.Module):
             model = unwrap_model(state_or_model)
-            names = _select(model, layers, exclude_head, None)
+            options = ViewOptions(attention=attention)
+            catalog = find_layers(model, options)
+            names = select_layers(model, layers, exclude_head=exclude_head, catalog=catalog)
+            names, self.frozen = self._trainable(catalog, names)
             state = SpectralState(model, k=need, layers=names, view=view or "matrix", fold_bn=fold_bn,
-                                  input_shape=input_shape)
+                                  input_shape=input_shape, attention=attention)
             names = [n for n in names if n in state.names]
             self._owns_state = True
             self.owned_state = state
@@ -206,6 +169,15 @@ class StateTerm(nn.Module):
             raise ValueError(f"weights names layers that are not selected: {extra}; selected: {names}")
         self.layer_weights = {n: nonnegative_float(w.get(n, 1.0), f"weights[{n!r}]") for n in names}
         self._calls = 0
+
+    @staticmethod
+    def _trainable(catalog, names: list[str]) -> tuple[list[str], list[str]]:
+        frozen = frozen_layers(catalog, names)
+        if frozen and len(frozen) == len(names):
+            raise ValueError(f"Every selected layer is frozen (all its parameters have requires_grad=False): "
+                             f"{frozen}; a penalty on them could not change anything. Select trainable layers "
+                             "with layers=..., or unfreeze them")
+        return [n for n in names if n not in frozen], frozen
 
     def _check_k(self, need: int) -> None:
         if self.needs_k == 0:
@@ -244,14 +216,16 @@ class StateTerm(nn.Module):
                              "build it (or its SpectralState) from this model")
 
     def parameters_acted_on(self) -> list[nn.Parameter]:
-        """The parameters of the selected layers (and of folded BatchNorms) the term reaches."""
+        """The trainable parameters the term reaches: its layers' operator tensors and folded BatchNorms' affine ones."""
         seen: dict[int, nn.Parameter] = {}
         for name in self.names:
-            mods = [self._state.module(name), self._state.folded_bn(name)]
-            for mod in mods:
-                if mod is not None:
-                    for p in mod.parameters(recurse=False):
-                        seen.setdefault(id(p), p)
+            params = list(self._state.operator_tensors(name))
+            bn = self._state.folded_bn(name)
+            if bn is not None:
+                params += list(bn.parameters(recurse=False))
+            for p in params:
+                if p.requires_grad:
+                    seen.setdefault(id(p), p)
         return list(seen.values())
 
     def _exact_layer(self, name: str) -> bool:
@@ -272,8 +246,8 @@ class StateTerm(nn.Module):
 
     # -------------------------------------------------------------- weights seen as rows
     def _rows(self, name: str) -> torch.Tensor:
-        """The (BN-folded) weight as ``out × (in·k…)``: rows are neurons / filters."""
-        view = matrix_view(self._state.module(name), self._state.folded_bn(name))
+        """The (BN-folded) matrix view as ``out × (in·k…)``: rows are neurons / filters."""
+        view = self._state.matrix_operator(name)
         return view.matrix2d() if isinstance(view, MatrixView) else view.matrix()
 
     def _device(self) -> torch.device:
@@ -476,11 +450,17 @@ class SpectralNormPenalty(Penalty):
         self.target = target
 
     def _closed_form_layers(self) -> bool:
+        # The rank-one update u vᵀ lands on the stored weight: the operator must be
+        # that weight itself (or its transpose), unsliced, ungrouped, unscaled.
         for name in self.names:
-            op = self._state.operator(name)
-            mod = self._state.module(name)
-            if not (isinstance(op, MatrixView) and op.groups == 1 and op.row_scale is None
-                    and isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) and op.weight is mod.weight):
+            layer = self._state.layer(name)
+            spec = layer.spec
+            if not (isinstance(spec, MatrixSpec) and spec.groups == 1 and spec.row_scale is None
+                    and spec.rows is None and spec.cols is None and len(layer.parameters) == 1
+                    and isinstance(self._state.operator(name), MatrixView) and self._state.folded_bn(name) is None):
+                return False
+            p = layer.parameters[0]
+            if spec.weight() is not p or (spec.transpose and p.dim() != 2):
                 return False
         return True
 
@@ -511,7 +491,12 @@ class SpectralNormPenalty(Penalty):
                     safe = sig.clamp_min(torch.finfo(sig.dtype).tiny)
                     val, dval = torch.log(safe), 1 / safe
                 total = strength * w * val if total is None else total + strength * w * val
-                updates.append((self._state.module(name).weight, u, v, strength * w * dval))
+                (p,) = self._state.operator_tensors(name)
+                if not p.requires_grad:
+                    continue  # never reached: frozen layers are not selected
+                # A weight stored in × out (operator Wᵀ) takes the update v uᵀ in its own layout.
+                pair = (v, u) if self._state.layer(name).spec.transpose else (u, v)
+                updates.append((p, *pair, strength * w * dval))
         if total is None:
             total = torch.zeros((), device=self._device())
         return total, updates
@@ -599,8 +584,7 @@ class RowL1Penalty(Penalty):
                     raise ValueError(f"k={k} is larger than the {rows} rows of layer {name!r}")
 
     def _rows_count(self, name: str) -> int:
-        mod = self._state.module(name)
-        return int(mod.out_features if hasattr(mod, "out_features") else mod.out_channels)
+        return int(self._state.operator(name).shape[0])
 
     def layer_value(self, name):
         r = self._rows(name).abs().sum(1)
@@ -645,6 +629,8 @@ class L1Penalty(_ProximalPenalty):
     def prox_(self, name: str, threshold: float) -> None:
         """Soft-threshold the raw weight of ``name`` by ``threshold·|s_i|`` per row."""
         w = self._state.module(name).weight
+        if not w.requires_grad:
+            return  # frozen weights are never changed (they are not selected either)
         t = threshold * _row_scale_abs(self, name, w)
         t = t.reshape(-1, *([1] * (w.dim() - 1)))
         w.copy_(torch.sign(w) * torch.clamp(w.abs() - t, min=0))
@@ -671,6 +657,8 @@ class GroupLassoPenalty(_ProximalPenalty):
     def prox_(self, name: str, threshold: float) -> None:
         """Block soft threshold of each raw row by ``threshold·|s_i|``."""
         w = self._state.module(name).weight
+        if not w.requires_grad:
+            return  # frozen weights are never changed (they are not selected either)
         t = threshold * _row_scale_abs(self, name, w)
         norms = torch.linalg.vector_norm(w.reshape(w.shape[0], -1).float(), dim=1)
         factor = torch.clamp(1 - t / norms.clamp_min(torch.finfo(norms.dtype).tiny), min=0)
@@ -678,9 +666,17 @@ class GroupLassoPenalty(_ProximalPenalty):
 
 
 def _check_proximal_layers(term: StateTerm) -> None:
-    bad = [n for n in term.names if not isinstance(term.state.module(n), (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    # The prox acts on module.weight row by row: the operator must read exactly that
+    # stored weight, rows as neurons (no transpose, slice or factorisation).
+    bad = []
+    for n in term.names:
+        layer = term.state.layer(n)
+        spec = layer.spec
+        if not (isinstance(spec, MatrixSpec) and not spec.transpose and spec.rows is None and spec.cols is None
+                and layer.view.params == ("weight",)):
+            bad.append(n)
     if bad:
-        raise ValueError(f"proximal=True needs dense nn.Linear / nn.Conv layers (the prox acts on their weight); "
+        raise ValueError(f"proximal=True needs dense layers whose operator is their stored weight (Linear, Conv); "
                          f"layers {bad} are not; leave them out with layers=... or use proximal=False")
 
 
@@ -688,10 +684,7 @@ def _row_scale_abs(term: StateTerm, name: str, w: torch.Tensor) -> torch.Tensor:
     bn = term.state.folded_bn(name)
     if bn is None:
         return torch.ones(w.shape[0], device=w.device, dtype=torch.float32)
-    s = torch.rsqrt(bn.running_var.float() + bn.eps)
-    if bn.weight is not None:
-        s = bn.weight.detach().float() * s
-    return s.abs()
+    return batchnorm_scale(bn).detach().float().abs()
 
 
 def _safe_sqrt(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -753,10 +746,10 @@ class NuclearNormPenalty(Penalty):
 
     def _rank_bound(self, name: str) -> int:
         m, n = self._state.operator(name).shape
-        mod = self._state.module(name)
+        spec = self._state.layer(name).spec
         r = min(m, n)
-        if isinstance(mod, (LowRankLinear, LowRankConv2d)) and isinstance(self._state.operator(name), LowRankView):
-            r = min(r, mod.rank)
+        if isinstance(spec, LowRankSpec) and isinstance(self._state.operator(name), LowRankView):
+            r = min(r, spec.a.shape[0])
         return r
 
     def layer_value(self, name):

@@ -138,6 +138,7 @@ def _state_worker(rank, world, init_file, out_dir):
         from torch.distributed.tensor.debug import CommDebugMode
         from torch.distributed.tensor.placement_types import _StridedShard
 
+        from robustcompress.layers import MatrixSpec
         from robustcompress.spectral.sharded import ShardedBackend, ShardedView
 
         model = _shard(_model(spectrum=True))
@@ -174,17 +175,31 @@ def _state_worker(rank, world, init_file, out_dir):
         gen = torch.Generator().manual_seed(5)
         full_t = _spectrum_weight(7, 5, gen)  # stored 7 × 5, operator 5 × 7
         dt = nn.Parameter(torch.distributed.tensor.distribute_tensor(full_t, w.device_mesh, [torch.distributed.tensor.Shard(0)]))
-        view = ShardedView("conv1d", dt, transposed=True)
-        buf = nn.Module()
-        buf.register_buffer("V", torch.linalg.qr(torch.randn(7, 2, generator=gen, dtype=torch.float64))[0])
-        buf.register_buffer("U", torch.linalg.qr(torch.randn(5, 2, generator=gen, dtype=torch.float64))[0])
-        buf.register_buffer("S", torch.zeros(2, dtype=torch.float64))
-        view.shard_buffers(buf)
+        # A packed block (rows 1:4 of the operator, like one of Q/K/V) is sliced locally: its axis is unsharded.
+        views = {"conv1d": ShardedView("conv1d", MatrixSpec(lambda: dt, transpose=True)),
+                 "packed": ShardedView("packed", MatrixSpec(lambda: dt, transpose=True, rows=slice(1, 4)))}
+        bufs = {}
+        for name, view in views.items():
+            m, n = view.shape
+            bufs[name] = buf = nn.Module()
+            buf.register_buffer("V", torch.linalg.qr(torch.randn(n, 2, generator=gen, dtype=torch.float64))[0])
+            buf.register_buffer("U", torch.linalg.qr(torch.randn(m, 2, generator=gen, dtype=torch.float64))[0])
+            buf.register_buffer("S", torch.zeros(2, dtype=torch.float64))
+            view.shard_buffers(buf)
         backend = ShardedBackend()
-        for _ in range(50):
-            backend.step({"conv1d": view}, {"conv1d": buf})
-        out["transposed"] = (view.side, view.shape, buf.S.clone(), torch.linalg.svdvals(full_t)[:2],
-                             tuple(buf.V.to_local().shape))
+        with CommDebugMode() as comm:
+            backend.step(views, bufs)
+        for _ in range(49):
+            backend.step(views, bufs)
+        out["transposed"] = (views["conv1d"].side, views["conv1d"].shape, bufs["conv1d"].S.clone(),
+                             torch.linalg.svdvals(full_t)[:2], tuple(bufs["conv1d"].V.to_local().shape),
+                             sum(comm.get_comm_counts().values()))
+        out["packed"] = (bufs["packed"].S.clone(), torch.linalg.svdvals(full_t.T[1:4])[:2])
+        try:
+            ShardedView("straddling", MatrixSpec(lambda: dt, transpose=True, cols=slice(0, 3)))
+            out["straddling"] = None
+        except ValueError as e:
+            out["straddling"] = str(e)
 
         # Placements the state cannot iterate without gathering are refused, naming layer and placement.
         refusals = {}
@@ -228,9 +243,11 @@ def test_fsdp_state_converges_communicates_once_refuses_and_checkpoints(tmp_path
         assert "'0'" in out["refusals"]["Partial"] and "Partial" in out["refusals"]["Partial"]
         assert "'0'" in out["refusals"]["_StridedShard"] and "_StridedShard" in out["refusals"]["_StridedShard"]
         assert out["reloaded_equal"]
-        side, shape, s, exact, v_local = out["transposed"]
-        assert side == "cols" and shape == (5, 7)
+        side, shape, s, exact, v_local, collectives = out["transposed"]
+        assert side == "cols" and shape == (5, 7) and collectives == 1
         torch.testing.assert_close(s, exact, rtol=1e-5, atol=0)
+        torch.testing.assert_close(out["packed"][0], out["packed"][1], rtol=1e-5, atol=0)
+        assert "'straddling'" in out["straddling"] and "straddle" in out["straddling"]
     assert {r0["transposed"][4], r1["transposed"][4]} == {(4, 2), (3, 2)}  # uneven V shards
     # σ and the replicated blocks are bitwise identical on both ranks
     for name in r0["sigmas"]:

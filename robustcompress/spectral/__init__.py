@@ -18,7 +18,7 @@ Example:
 
 from .backends import FusedBackend, ProductBackend, TorchBackend
 from .iteration import cholesky_qr2
-from .state import SpectralState, record_input_shapes, unsupported_reason
+from .state import Coverage, SpectralState, observed_forward, record_input_shapes, unsupported_reason
 from .views import (
     SUPPORTED_LAYERS,
     FunctionOperator,
@@ -46,4 +46,6 @@ __all__ = [
     "ProductBackend",
     "TorchBackend",
     "FusedBackend",
+    "Coverage",
+    "observed_forward",
 ]

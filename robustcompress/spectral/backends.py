@@ -102,7 +102,7 @@ class TorchBackend(ProductBackend):
 
 
 class FusedBackend(ProductBackend):
-    """The fused Triton kernel for ungrouped matrix views with float32/bfloat16/float16 weights.
+    """The fused Triton kernel for ungrouped, row-major matrix views with float32/bfloat16/float16 weights.
 
     Args:
         strict: raise when the kernel cannot run (``backend="triton"``) instead
@@ -118,9 +118,13 @@ class FusedBackend(ProductBackend):
         self._scales: dict[str, torch.Tensor] = {}
 
     def products(self, ops: dict[str, LinearOperator], vs: dict[str, torch.Tensor]) -> Products:
+        # The kernel reads row-major matrices through a pointer and a shape: plain
+        # weights and row slices of them (packed Q/K/V, gates) qualify; transposed
+        # or column-sliced views go to the next back-end.
         eligible = [n for n, op in ops.items() if isinstance(op, MatrixView) and op.groups == 1
                     and op.weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                    and (op.device.type == "cuda" or self.strict)]
+                    and (op.device.type == "cuda" or self.strict)
+                    and rearrange(op.weight, "o i ... -> o (i ...)").is_contiguous()]
         if not eligible:
             if self.strict:
                 raise RuntimeError("backend='triton' but no layer is one the kernel runs: an ungrouped matrix view "

@@ -60,11 +60,10 @@ import torch.distributed as dist
 from einops import rearrange
 from torch import nn
 
-from ..layers import LowRankConv2d, LowRankLinear
 from .iteration import cholesky_qr2
 from .views import LinearOperator
 
-__all__ = ["is_sharded", "ShardedView", "ShardedBackend", "local_products", "ritz_update", "sharded_view",
+__all__ = ["is_sharded", "ShardedView", "ShardedBackend", "local_products", "ritz_update", "sharded_operator",
            "refuse_bn_folding"]
 
 
@@ -182,36 +181,49 @@ def _placement_error(name: str, weight: torch.Tensor, why: str) -> ValueError:
         "mesh dimension, Replicate on the others; the weight is never all-gathered.")
 
 
-class ShardedView(LinearOperator):
-    """A ``DTensor`` weight as a matrix whose rows or columns are sharded over one mesh dimension.
+def _span(sl: slice | None, size: int, name: str) -> tuple[int, int]:
+    if sl is None:
+        return 0, size
+    start, stop, step = sl.indices(size)
+    if step != 1:
+        raise ValueError(f"Layer {name!r}: a strided slice {sl} of a sharded weight is not supported")
+    return start, max(start, stop)
 
-    The operator is ``rearrange(w, "o i ... -> o (i ...)")`` (``transposed=True``:
-    the stored 2-D tensor's transpose, for layers stored in × out). ``side``
-    says what is sharded: ``"rows"`` (iterated as ``A = W``), ``"cols"``
-    (iterated as ``A = Wᵀ``) or ``"replicated"`` (every rank holds ``W``).
+
+class ShardedView(LinearOperator):
+    """A layer's matrix view whose stored ``DTensor`` weight is sharded along the operator's rows or columns.
+
+    The operator is the registry's ``M = (W or Wᵀ)[rows, cols]``
+    (:class:`~robustcompress.layers.MatrixSpec`; ``W`` seen as
+    ``rearrange(w, "o i ... -> o (i ...)")``). ``side`` says what is sharded:
+    ``"rows"`` (iterated as ``A = M``), ``"cols"`` (iterated as ``A = Mᵀ``) or
+    ``"replicated"`` (every rank holds ``W``). A slice across the unsharded
+    axis is taken locally (packed Q/K/V of a ``Conv1D`` stored in × out and
+    sharded on its input axis); a slice along the sharded axis would straddle
+    ranks unevenly and is refused.
 
     Args:
         name: the layer's name (for messages).
-        weight: the ``DTensor`` parameter.
-        transposed: the operator is the stored tensor's transpose.
+        spec: the layer's matrix descriptor; ``spec.weight()`` is a ``DTensor``.
 
     Raises:
-        ValueError: a placement that cannot be iterated without gathering.
+        ValueError: a placement or descriptor that cannot be iterated without gathering.
     """
 
-    def __init__(self, name: str, weight: torch.Tensor, transposed: bool = False) -> None:
-        if not is_sharded(weight):
-            raise TypeError(f"Expected layer {name!r}'s weight to be a DTensor, but got {type(weight).__name__}")
-        if weight.dim() < 2 or (transposed and weight.dim() != 2):
-            raise ValueError(f"Layer {name!r}: expected a weight with at least 2 dimensions (exactly 2 when "
-                             f"transposed), but got shape {tuple(weight.shape)}")
+    def __init__(self, name: str, spec) -> None:
         from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+        weight = spec.weight()
+        if not is_sharded(weight):
+            raise TypeError(f"Expected layer {name!r}'s weight to be a DTensor, but got {type(weight).__name__}")
+        if spec.groups != 1:
+            raise ValueError(f"Layer {name!r}: sharded grouped convolutions are not supported yet")
+        if spec.row_scale is not None:
+            raise ValueError(f"Layer {name!r}: a row scale (folded BatchNorm) on a sharded weight is not supported "
+                             "yet; pass fold_bn=False")
         self.name = name
-        self.weight = weight
-        self.reference = weight
-        self.transposed = transposed
+        self.spec = spec
         mesh = weight.device_mesh
         sharded = []
         for mesh_dim, pl in enumerate(weight.placements):
@@ -221,28 +233,40 @@ class ShardedView(LinearOperator):
                 raise _placement_error(name, weight, f"{pl} is not a plain Shard or Replicate")
         if len(sharded) > 1:
             raise _placement_error(name, weight, "more than one mesh dimension shards it")
-        stored_m, stored_n = weight.shape[0], weight[0].numel()
-        self.shape = (stored_n, stored_m) if transposed else (stored_m, stored_n)
+        stored = (weight.shape[0], weight[0].numel())
+        full = (stored[1], stored[0]) if spec.transpose else stored  # (W or Wᵀ) before slicing
         self.mesh_dim: int | None = None
         self.side = "replicated"
         if sharded:
             self.mesh_dim, dim = sharded[0]
             if dim not in (0, 1) or (dim == 1 and weight.dim() > 2):
                 raise _placement_error(name, weight, f"Shard({dim}) is neither the operator's rows nor its columns")
-            self.side = "rows" if (dim == 0) != transposed else "cols"
+            self.side = "rows" if (dim == 0) != spec.transpose else "cols"
+        self._rows = _span(spec.rows, full[0], name)
+        self._cols = _span(spec.cols, full[1], name)
+        if (self.side == "rows" and self._rows != (0, full[0])) or (self.side == "cols" and self._cols != (0, full[1])):
+            raise ValueError(f"Layer {name!r}: its operator is a slice along the axis the weight is sharded on "
+                             f"(placements {tuple(weight.placements)}), which would straddle ranks unevenly; "
+                             "not supported (leave the layer out with layers=..., or shard it on the other axis)")
+        self.shape = (self._rows[1] - self._rows[0], self._cols[1] - self._cols[0])
         local_shape, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
         if tuple(local_shape) != tuple(weight.to_local().shape):
             raise _placement_error(name, weight, f"its local shard {tuple(weight.to_local().shape)} is not the "
-                                   f"even chunk {tuple(local_shape)} DTensor describes")
+                                   f"chunk {tuple(local_shape)} DTensor describes")
         if self.side == "replicated":
             self.local_range = (0, self.shape[0])
         else:
-            stored_dim = sharded[0][1]
-            self.local_range = (offset[stored_dim], offset[stored_dim] + local_shape[stored_dim])
+            d = sharded[0][1]
+            self.local_range = (offset[d], offset[d] + local_shape[d])
         self.group = None if self.mesh_dim is None else mesh.get_group(self.mesh_dim)
-        # Filled by ShardedBackend.step: the reduced ‖W‖_F², and the versions it belongs to.
+        # Filled by ShardedBackend.step: the reduced ‖M‖_F², and the versions it belongs to.
         self._frob2: torch.Tensor | None = None
         self._stamp: tuple | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The stored ``DTensor`` (the layer's current one)."""
+        return self.spec.weight()
 
     @property
     def device(self) -> torch.device:
@@ -254,17 +278,22 @@ class ShardedView(LinearOperator):
         return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
 
     def iterated_local(self) -> torch.Tensor:
-        """This rank's rows of the iterated operator ``A`` (``W`` or ``Wᵀ``), differentiable.
+        """This rank's rows of the iterated operator ``A`` (``M`` or ``Mᵀ``), differentiable.
 
         ``to_local()`` is differentiable: gradients flow back to the local shard of the ``DTensor``.
         """
-        w = rearrange(self.weight.to_local().to(self.dtype), "o i ... -> o (i ...)")
-        if self.transposed:
+        w = self.weight.to_local().to(self.dtype)
+        w = w if w.dim() == 2 else rearrange(w, "o i ... -> o (i ...)")
+        if self.spec.transpose:
             w = w.T
-        return w.T if self.side == "cols" else w
+        if self.side == "rows":
+            return w[:, self._cols[0]:self._cols[1]]
+        if self.side == "cols":
+            return w[self._rows[0]:self._rows[1]].T
+        return w[self._rows[0]:self._rows[1], self._cols[0]:self._cols[1]]
 
     def blocks_of(self, buf: nn.Module) -> tuple[str, str]:
-        """Names of the (warm replicated, sharded) buffers: ``("V", "U")`` or ``("U", "V")`` for ``"cols"``."""
+        """Names of the (warm replicated, sharded) buffers: ``("V", "U")``, or ``("U", "V")`` for ``"cols"``."""
         return ("U", "V") if self.side == "cols" else ("V", "U")
 
     def shard_buffers(self, buf: nn.Module) -> None:
@@ -275,14 +304,14 @@ class ShardedView(LinearOperator):
         is a ``DTensor`` (``Shard(0)`` on the weight's mesh dimension), so
         ``torch.distributed.checkpoint`` saves and reshards it.
         """
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
         if not hasattr(buf, "R"):
             # c_jᵀ A b_j after the last step: a cache (not saved), rebuilt by every step.
             buf.register_buffer("R", torch.zeros_like(buf.S), persistent=False)
         _, sharded = self.blocks_of(buf)
         if self.side == "replicated" or is_sharded(getattr(buf, sharded)):
             return
-        from torch.distributed.tensor import DTensor, Replicate, Shard
-
         full = getattr(buf, sharded)
         lo, hi = self.local_range
         placements = [Replicate()] * self.weight.device_mesh.ndim
@@ -312,7 +341,7 @@ class ShardedView(LinearOperator):
         return buf.R[:count].to(partial.dtype) + (partial - partial.detach())
 
     def frobenius_expr(self, buf: nn.Module) -> torch.Tensor:
-        """Differentiable ``‖W‖_F``: the reduced value, gradient ``W_r / ‖W‖_F`` on the local shard."""
+        """Differentiable ``‖M‖_F``: the reduced value, gradient ``M_r / ‖M‖_F`` on the local shard."""
         self._check_fresh(buf)
         partial = self.iterated_local().square().sum()
         return (self._frob2.to(partial.dtype) + (partial - partial.detach())).clamp_min(0).sqrt()
@@ -342,7 +371,8 @@ def refuse_bn_folding(model: nn.Module) -> None:
 
     The state folds a BatchNorm into the layer before it (``fold_bn=True``);
     on a sharded model it refuses rather than silently iterating the unfolded
-    weight.
+    weight. (Looking for the BatchNorm's producer traces the model, which
+    would run FSDP's forward hooks.)
 
     Example:
         >>> refuse_bn_folding(nn.Sequential(nn.Linear(2, 2)))
@@ -354,31 +384,43 @@ def refuse_bn_folding(model: nn.Module) -> None:
                          "BatchNorm into a sharded weight is not supported yet; pass fold_bn=False")
 
 
-def sharded_view(name: str, module: nn.Module, view: str = "matrix", bn: nn.Module | None = None,
-                 transposed: bool = False) -> ShardedView:
-    """The sharded operator of a layer whose weight is a ``DTensor``, or a clear error.
+def _spec_tensors(spec) -> list[torch.Tensor]:
+    """The stored tensors a descriptor reads (matrix, low-rank factors, LoRA base and factors)."""
+    if hasattr(spec, "weight") and callable(spec.weight):
+        return [spec.weight()]
+    return [t for part in ("base", "a", "b") if hasattr(spec, part) for t in _spec_tensors(getattr(spec, part))]
+
+
+def sharded_operator(name: str, spec, view: str = "matrix") -> ShardedView | None:
+    """The sharded operator of a layer descriptor reading ``DTensor`` weights; None when none is a ``DTensor``.
 
     Args:
         name: the layer's name (for messages).
-        module: the layer.
-        view: the state's view; ``"operator"`` is refused for sharded convolutions.
-        bn: a BatchNorm to fold (refused: pass ``fold_bn=False``).
-        transposed: the operator is the stored weight's transpose (layers stored in × out).
+        spec: its registry descriptor (``MatrixSpec``, ``LowRankSpec`` or ``LoRASpec``).
+        view: the state's view; the exact operator view of a sharded convolution is refused.
 
     Returns:
-        A :class:`ShardedView`.
+        A :class:`ShardedView`, or None for unsharded layers.
+
+    Raises:
+        ValueError: sharded low-rank or LoRA layers, the operator view of a
+            sharded convolution, and placements that would need a gather.
+
+    Example:
+        >>> from robustcompress.layers import layer_views
+        >>> (v,) = layer_views(nn.Linear(3, 2))
+        >>> sharded_operator("fc", v.spec) is None
+        True
     """
-    if isinstance(module, (LowRankLinear, LowRankConv2d)):
-        raise ValueError(f"Layer {name!r}: sharded factorised (low-rank) layers are not supported yet")
-    if getattr(module, "groups", 1) != 1:
-        raise ValueError(f"Layer {name!r}: sharded grouped convolutions are not supported yet")
-    if view == "operator" and isinstance(module, (nn.Conv1d, nn.Conv2d)):
+    tensors = _spec_tensors(spec)
+    if not any(is_sharded(t) for t in tensors):
+        return None
+    if not (hasattr(spec, "weight") and callable(spec.weight)):
+        raise ValueError(f"Layer {name!r}: sharded factorised (low-rank or LoRA) layers are not supported yet")
+    if view == "operator" and spec.conv is not None:
         raise ValueError(f"Layer {name!r}: the operator view of a sharded convolution is not supported; "
                          "use view='matrix'")
-    if bn is not None:
-        raise ValueError(f"Layer {name!r}: folding a BatchNorm into a sharded weight is not supported yet; "
-                         "pass fold_bn=False")
-    return ShardedView(name, module.weight, transposed=transposed)
+    return ShardedView(name, spec)
 
 
 class ShardedBackend:

@@ -29,31 +29,46 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .._checks import nonnegative_int, positive_int
-from ..layers import LowRankConv2d, LowRankLinear
+from ..layers import Layer, LayerCatalog, ViewOptions, batchnorm_scale, find_layers, layer_kind, layer_views
+from ..layers import head_name as registry_head_name
+from ..layers import with_row_scale
 from .backends import FusedBackend, ProductBackend, TorchBackend
 from .iteration import cholesky_qr2
-from .sharded import ShardedBackend, ShardedView, is_sharded, refuse_bn_folding, sharded_view
-from .views import SUPPORTED_LAYERS, LinearOperator, LowRankView, MatrixView, operator_for
+from .sharded import ShardedBackend, ShardedView, refuse_bn_folding, sharded_operator
+from .views import LinearOperator, operator_from_spec
 
-__all__ = ["SpectralState", "record_input_shapes", "unsupported_reason"]
+__all__ = ["SpectralState", "Coverage", "record_input_shapes", "unsupported_reason", "observed_forward"]
 
-_REFUSED = {
-    nn.Conv3d: "Conv3d is not supported yet",
-    nn.ConvTranspose1d: "ConvTranspose layers are not supported yet",
-    nn.ConvTranspose2d: "ConvTranspose layers are not supported yet",
-    nn.ConvTranspose3d: "ConvTranspose layers are not supported yet",
-    nn.Embedding: "Embedding is not supported (a lookup table, not an operator on the input)",
-    nn.EmbeddingBag: "EmbeddingBag is not supported",
-    nn.MultiheadAttention: "attention has no fixed linear operator; not supported",
-    nn.Bilinear: "Bilinear is not a linear operator of its input; not supported",
-}
+
+@contextlib.contextmanager
+def observed_forward() -> Iterator[None]:
+    """A context in which every submodule's forward runs, so module hooks see every layer.
+
+    Inference fast paths (``nn.TransformerEncoderLayer`` and
+    ``nn.MultiheadAttention`` in eval mode without gradients) compute the whole
+    block in one fused call and skip their submodules' forwards and hooks;
+    they are turned off inside the context and restored after it.
+
+    Example:
+        >>> with observed_forward():
+        ...     torch.backends.mha.get_fastpath_enabled()
+        False
+    """
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def record_input_shapes(model: nn.Module, example_input: torch.Tensor,
@@ -61,114 +76,155 @@ def record_input_shapes(model: nn.Module, example_input: torch.Tensor,
     """Run one forward pass and record each layer's input shape (batch dimension dropped).
 
     The model's train/eval mode is restored and no gradient is recorded.
+    Modules whose first input is not a tensor (a ``PackedSequence``) are not recorded.
 
     Args:
         model: the network.
         example_input: one batch as the model takes it.
-        modules: names to record (default: every supported layer).
+        modules: module names to record (default: every module with a registered layer kind).
 
     Returns:
-        ``{name: input_shape}``.
+        ``{module name: input_shape}``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2))
+        >>> record_input_shapes(model, torch.zeros(1, 1, 4, 4))
+        {'0': (1, 4, 4), '2': (8,)}
     """
     named = dict(model.named_modules())
-    wanted = list(modules) if modules is not None else [n for n, m in named.items() if isinstance(m, SUPPORTED_LAYERS)]
+    layered = [n for n, m in named.items() if layer_kind(m) is not None]
+    wanted = list(modules) if modules is not None else layered
     unknown = [n for n in wanted if n not in named]
     if unknown:
-        raise ValueError(f"Unknown module names {unknown}; layers of this model: "
-                         f"{[n for n, m in named.items() if isinstance(m, SUPPORTED_LAYERS)]}")
+        raise ValueError(f"Unknown module names {unknown}; layers of this model: {layered}")
     shapes: dict[str, tuple[int, ...]] = {}
-    _observe_forward(model, example_input, wanted,
-                     lambda name, args, out: shapes.setdefault(name, tuple(args[0].shape[1:])))
+
+    def observe(name: str, args: tuple, out: object) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            shapes.setdefault(name, tuple(args[0].shape[1:]))
+    _observe_forward(model, example_input, wanted, observe)
     return shapes
 
 
 def _observe_forward(model: nn.Module, example_input: torch.Tensor, names: Iterable[str],
-                     observe: Callable[[str, tuple, torch.Tensor], object]) -> None:
+                     observe: Callable[[str, tuple, object], object]) -> None:
     """One eval-mode, no-grad forward pass calling ``observe(name, args, output)`` for each named module.
 
-    The hooks never change an output, are always removed, and the model's
-    train/eval mode is restored, also on error.
+    The hooks never change an output, are always removed, and every module's
+    train/eval mode is restored, also on error. Inference fast paths are off
+    (:func:`observed_forward`) so every hook runs.
     """
     handles = []
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     try:
         for name in names:
             def hook(mod, args, out, name=name) -> None:
                 observe(name, args, out)
             handles.append(model.get_submodule(name).register_forward_hook(hook))
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), observed_forward():
             model(example_input)
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
         for h in handles:
             h.remove()
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
-    """Why the spectral state cannot track ``module``.
+    """Why penalties leave ``module`` out by default, from the layer registry.
 
     Returns:
-        None if it is a supported layer; ``""`` if it holds no weight of its
-        own (containers, activations, …); otherwise the reason, for messages.
+        None for a module with a registered layer kind that penalties act on;
+        ``""`` if it holds no weight of its own (containers, activations, …);
+        otherwise the reason (a metrics-only kind, or no registered kind), for messages.
+
+    Example:
+        >>> unsupported_reason(nn.Linear(2, 2)) is None, unsupported_reason(nn.ReLU())
+        (True, '')
     """
-    from torch.nn.utils import parametrize
-
-    if parametrize.is_parametrized(module):
-        return "parametrized modules (torch.nn.utils.parametrize, e.g. weight_norm/spectral_norm) are not supported"
-    if hasattr(module, "weight_g") and hasattr(module, "weight_v"):
-        return "weight_norm'ed modules are not supported"
-    for t, why in _REFUSED.items():
-        if type(module) is t:
-            return why
-    if isinstance(module, SUPPORTED_LAYERS):
-        w = module.weight_a if isinstance(module, (LowRankLinear, LowRankConv2d)) else module.weight
-        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-            return f"its weight is not a floating-point tensor (dtype={getattr(w, 'dtype', None)})"
-        if w.numel() == 0:
-            return "its weight is empty"
-        if "lora" in type(module).__name__.lower():
-            return "LoRA adapters are not supported"
-        return None
-    if "lora" in type(module).__name__.lower():
-        return "LoRA adapters are not supported"
-    return ""
+    kind = layer_kind(module)
+    if kind is not None:
+        return None if kind.penalize else kind.exclusion_reason
+    own = [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+    if not own:
+        return ""
+    return f"no registered layer kind for {type(module).__name__} (weights {own})"
 
 
-def _find_bn_successors(model: nn.Module, names: Sequence[str],
+@dataclass(frozen=True)
+class Coverage:
+    """What a :class:`SpectralState` tracks of its model.
+
+    ``share = tracked_elements / weight_elements``: the elements of the
+    model's parameters with two or more axes (each tensor counted once) that
+    some tracked operator reads. ``frozen`` lists the tracked layers whose
+    parameters all have ``requires_grad=False`` (penalties leave them out).
+    """
+
+    tracked: int
+    skipped: int
+    frozen: list[str]
+    tracked_elements: int
+    weight_elements: int
+
+    @property
+    def share(self) -> float:
+        """Fraction of weight elements tracked (1.0 for a model without weights)."""
+        return self.tracked_elements / self.weight_elements if self.weight_elements else 1.0
+
+
+def _layer_problem(layer: Layer) -> str | None:
+    params = layer.parameters
+    if any(not p.is_floating_point() for p in params):
+        return f"its weight is not a floating-point tensor (dtype={params[0].dtype})"
+    if any(p.numel() == 0 for p in params):
+        return "its weight is empty"
+    return None
+
+
+def _find_bn_successors(model: nn.Module, layers: dict[str, Layer],
                         example_input: torch.Tensor | None = None) -> dict[str, nn.Module]:
-    """Layers whose only consumer is a BatchNorm over their output channels, found with torch.fx.
+    """Single-operator layers whose only consumer is a BatchNorm over their output features, found with torch.fx.
 
-    BatchNorm scales dim 1. For a convolution that is its output-channel axis;
-    for a Linear only when its output is ``(N, F)`` — on ``(N, L, F)`` the
-    Linear acts on the last axis and BN on ``L``, and ``diag(s)·W`` would be
-    the wrong operator. The feature counts must match; with an example input
-    the Linear's output rank is checked too.
+    BatchNorm scales dim 1. The layer kind says where that is its feature
+    axis (``fold_norm``): ``"channels"`` (a convolution's output channels, any
+    rank), ``"features"`` (a Linear, only when its output is ``(N, F)`` — on
+    ``(N, L, F)`` the BN would act on ``L``). The feature counts must match;
+    with an example input the output rank is checked too.
+
+    Returns:
+        ``{layer name: BatchNorm}``.
     """
+    by_module = {layer.module_name: layer for layer in layers.values()
+                 if layer.kind.fold_norm is not None and layer.view.name == ""}
+    if not by_module:
+        return {}
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception:  # noqa: BLE001 - an untraceable model simply gets no folding
         return {}
     ranks: dict[str, int] = {}
     if example_input is not None:
-        _observe_forward(model, example_input, names, lambda name, args, out: ranks.setdefault(name, out.dim()))
+        def observe(name: str, args: tuple, out: object) -> None:
+            if isinstance(out, torch.Tensor):
+                ranks.setdefault(name, out.dim())
+        _observe_forward(model, example_input, list(by_module), observe)
     named = dict(model.named_modules())
-    wanted = set(names)
     found = {}
     for node in gm.graph.nodes:
-        if node.op != "call_module" or node.target not in wanted or len(node.users) != 1:
+        if node.op != "call_module" or node.target not in by_module or len(node.users) != 1:
             continue
         (user,) = node.users
         bn = named.get(user.target) if user.op == "call_module" else None
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats or bn.running_var is None:
             continue
-        layer = named[node.target]
-        if isinstance(layer, (nn.Linear, LowRankLinear)):
-            if bn.num_features != layer.out_features or ranks.get(node.target, 2) != 2:
-                continue
-        elif bn.num_features != layer.out_channels if hasattr(layer, "out_channels") else True:
+        layer = by_module[node.target]
+        if bn.num_features != layer.spec.shape[0]:
             continue
-        found[node.target] = bn
+        if layer.kind.fold_norm == "features" and ranks.get(node.target, 2) != 2:
+            continue
+        found[layer.name] = bn
     return found
 
 
@@ -199,8 +255,11 @@ class SpectralState(nn.Module):
     Args:
         model: the network.
         k: directions tracked per layer (clamped to ``min(m, n)`` per layer).
-        layers: names to track (default: every supported layer). Naming an
-            unknown or unsupported module is an error.
+        layers: names to track: operator names (``"attn.q"``) or module names
+            (all of the module's operators). Default: every layer whose kind
+            penalties act on; metrics-only kinds (Embedding, and a head tied to
+            it) are tracked only when named. Naming an unknown module, or one
+            with no registered layer kind, is an error.
         view: ``"matrix"`` (weights as ``out × (in·k…)``, cheap) or
             ``"operator"`` (convolutions as the map at their real input size).
         input_shape: the model's input shape without batch dimension (operator view).
@@ -221,6 +280,16 @@ class SpectralState(nn.Module):
             stacking measured slower than multiplying in place).
         init_iter: iterations run at construction so estimates start near convergence.
         seed: seed of the random starting vectors.
+        attention: ``"projections"`` (Q, K, V, O as four matrices) or
+            ``"circuits"`` (per head ``W_O^h W_V^h`` and ``W_Q^hᵀ W_K^h``); see
+            :class:`robustcompress.layers.ViewOptions`.
+
+    Layers are found through the layer registry (:mod:`robustcompress.layers`):
+    a module kind with one operator is tracked under the module's name, one
+    with several (attention Q/K/V/O, recurrent gates) under
+    ``f"{module}.{view}"``. Weight-bearing modules left out are listed in
+    :attr:`skipped` with the reason, and building the state warns once when
+    there are any (:meth:`coverage` gives the share of weights tracked).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -245,6 +314,7 @@ class SpectralState(nn.Module):
         init_iter: int = 10,
         seed: int = 0,
         stack_max_numel: int | None = None,
+        attention: str = "projections",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -270,70 +340,66 @@ class SpectralState(nn.Module):
         self._backends: list[ProductBackend] = [self._torch_backend]
         if backend != "torch":
             self._backends.insert(0, FusedBackend(strict=backend == "triton"))
-        self.skipped: dict[str, str] = {}
         self.aliases: dict[str, str] = {}
 
-        # remove_duplicate=False: a module used twice (tied weights) is seen under both names.
-        named = dict(model.named_modules(remove_duplicate=False))
+        self.options = ViewOptions(attention=attention)
+        catalog = find_layers(model, self.options)
+        by_name = {layer.name: layer for layer in catalog.layers}
+        #: weight-bearing modules (or operators) left out, ``{name: reason}``, over the whole model
+        self.skipped: dict[str, str] = dict(catalog.skipped)
         if layers is not None:
-            if isinstance(layers, str):
-                raise TypeError("Expected layers to be a sequence of layer names, but got a single string; wrap it in a list")
-            unknown = [n for n in layers if n not in named]
-            if unknown:
-                known = [n for n, m in named.items() if isinstance(m, SUPPORTED_LAYERS)]
-                raise ValueError(f"Unknown layer names {unknown}; supported layers of this model: {known}")
-            for n in layers:
-                reason = unsupported_reason(named[n])
-                if reason:
-                    raise ValueError(f"Layer {n!r} ({type(named[n]).__name__}) cannot be tracked: {reason}")
-            candidates = list(layers)
+            chosen = self._resolve(model, catalog, layers)
         else:
-            candidates = []
-            for name, module in named.items():
-                reason = unsupported_reason(module)
-                if reason is None:
-                    candidates.append(name)
-                elif reason != "":
-                    self.skipped[name] = reason
-
-        # Tied weights (one Parameter in two layers) are one operator: track the first.
-        seen: dict[int, str] = {}
-        tracked = []
-        for name in candidates:
-            module = named[name]
-            pid = id(module.weight_a if isinstance(module, (LowRankLinear, LowRankConv2d)) else module.weight)
-            if pid in seen:
-                self.aliases[name] = seen[pid]
-                continue
-            seen[pid] = name
-            tracked.append(name)
-        if not tracked:
-            raise ValueError("The model has no layer the spectral state can track "
-                             f"(supported: {', '.join(t.__name__ for t in SUPPORTED_LAYERS)}); skipped: {self.skipped}")
+            chosen = []
+            for layer in catalog.layers:
+                problem = _layer_problem(layer)
+                if problem is not None:
+                    self.skipped[layer.name] = problem
+                elif not layer.kind.penalize:
+                    # Metrics-only kinds (Embedding) are tracked only when named in layers=.
+                    self.skipped[layer.name] = layer.kind.exclusion_reason
+                else:
+                    chosen.append(layer.name)
+        chosen_set = set(chosen)
+        for alias, target in catalog.aliases.items():
+            if target in chosen_set:
+                self.aliases[alias] = target
+            elif layers is None:
+                self.skipped[alias] = f"shares its weight with {target!r}, which is not tracked"
+        if not chosen:
+            raise ValueError("The model has no layer the spectral state can track (registered kinds are listed by "
+                             f"robustcompress.layers.layer_kinds()); skipped: {self.skipped}")
+        if self.skipped:
+            listed = "; ".join(f"{n or '(root)'}: {why}" for n, why in self.skipped.items())
+            warnings.warn(f"SpectralState leaves out {len(self.skipped)} weight-bearing module(s) or operator(s) of "
+                          f"{type(model).__name__} (state.coverage() gives the share tracked): {listed}",
+                          UserWarning, stacklevel=2)
+        self._layers: dict[str, Layer] = {n: by_name[n] for n in chosen}
+        tracked = list(chosen)
 
         shapes: dict[str, tuple[int, ...]] = {}
-        if view == "operator":
+        conv_modules = sorted({self._layers[n].module_name for n in tracked
+                               if getattr(self._layers[n].spec, "conv", None) is not None})
+        if view == "operator" and conv_modules:
             if input_shapes is not None:
                 shapes = {n: tuple(s) for n, s in input_shapes.items()}
             elif example_input is not None or input_shape is not None:
                 if example_input is None:
                     p = next(model.parameters())
                     example_input = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
-                shapes = record_input_shapes(model, example_input, tracked)
+                shapes = record_input_shapes(model, example_input, conv_modules)
         self._input_shapes = shapes
         if fold_bn and example_input is None and input_shape is not None:
             p = next(model.parameters())
             example_input = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
-        if fold_bn and any(is_sharded(getattr(named[n], "weight", None)) for n in tracked):
-            # Tracing for BatchNorm successors would run FSDP's forward hooks; there is nothing to fold.
+        if fold_bn and any(sharded_operator(n, self._layers[n].spec) is not None for n in tracked):
+            # Tracing for BatchNorm successors would run FSDP's forward hooks; folding is refused instead.
             refuse_bn_folding(model)
             self._bn = {}
         else:
-            self._bn = _find_bn_successors(model, tracked, example_input) if fold_bn else {}
+            self._bn = _find_bn_successors(model, self._layers, example_input) if fold_bn else {}
         self._names = tracked
-        self._ops: dict[str, LinearOperator] = {}
-        for name in tracked:
-            self._ops[name] = self._operator(name, named[name])
+        self._ops: dict[str, LinearOperator] = {n: self._build_operator(n) for n in tracked}
         self._sharded = ShardedBackend()
 
         gen = torch.Generator().manual_seed(seed)
@@ -368,12 +434,87 @@ class SpectralState(nn.Module):
 
     @property
     def head_name(self) -> str | None:
-        """The classifier head: the model's last supported layer in module order (tracked or not)."""
-        last = None
-        for name, module in self._model.named_modules():
-            if unsupported_reason(module) is None:
-                last = name
-        return last
+        """The classifier head's module name: the last module whose layer kind can be a head (tracked or not)."""
+        return registry_head_name(self._model)
+
+    def layer(self, name: str) -> Layer:
+        """The registry's record of the tracked operator ``name`` (module, kind, view, parameters)."""
+        self._buf(name)
+        return self._layers[self.aliases.get(name, name)]
+
+    def is_frozen(self, name: str) -> bool:
+        """True when every stored tensor the operator of ``name`` reads has ``requires_grad=False``."""
+        return not any(t.requires_grad for t in self.operator_tensors(name))
+
+    def operator_tensors(self, name: str) -> list[torch.Tensor]:
+        """The stored tensors the operator of ``name`` reads (gradients of its σ land on these)."""
+        return self.layer(name).parameters
+
+    def coverage(self) -> Coverage:
+        """Tracked / skipped counts, frozen tracked layers and the share of weight elements tracked.
+
+        Example:
+            >>> import warnings
+            >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+            >>> with warnings.catch_warnings():
+            ...     warnings.simplefilter("ignore")
+            ...     cov = SpectralState(model).coverage()
+            >>> cov.tracked, cov.skipped, round(cov.share, 2)
+            (1, 1, 0.29)
+        """
+        weights = {id(p): p.numel() for p in self._model.parameters() if p.dim() >= 2}
+        tracked = {id(t): t.numel() for n in self._names for t in self.operator_tensors(n) if id(t) in weights}
+        frozen = [n for n in self._names if self.is_frozen(n)]
+        return Coverage(len(self._names), len(self.skipped), frozen, sum(tracked.values()), sum(weights.values()))
+
+    def _resolve(self, model: nn.Module, catalog: LayerCatalog, layers: Sequence[str]) -> list[str]:
+        """Explicit ``layers=``: operator names, aliases or module names, in module order."""
+        if isinstance(layers, str):
+            raise TypeError("Expected layers to be a sequence of layer names, but got a single string; wrap it in a list")
+        names = list(layers)
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"Expected layer names to be strings, but got layers={layers!r}")
+        by_module: dict[str, list[str]] = {}
+        for layer in catalog.layers:
+            by_module.setdefault(layer.module_name, []).append(layer.name)
+        for alias, target in catalog.aliases.items():
+            by_module.setdefault(alias, [target])
+        known = set(catalog.names())
+        modules = dict(model.named_modules(remove_duplicate=False))
+        wanted: set[str] = set()
+        for n in names:
+            if n in known:
+                wanted.add(n)
+            elif n in catalog.aliases:
+                wanted.add(catalog.aliases[n])
+            elif n in by_module:
+                wanted.update(by_module[n])
+            elif n in modules:
+                why = catalog.skipped.get(n) or "it holds no weight of its own"
+                raise ValueError(f"Layer {n!r} ({type(modules[n]).__name__}) cannot be tracked: {why}")
+            else:
+                raise ValueError(f"Unknown layer names {[x for x in names if x not in known and x not in modules]}; "
+                                 f"layers of this model: {catalog.names()}")
+        chosen = [layer.name for layer in catalog.layers if layer.name in wanted]
+        for n in chosen:
+            problem = _layer_problem(catalog[n])
+            if problem is not None:
+                raise ValueError(f"Layer {n!r} ({type(catalog[n].module).__name__}) cannot be tracked: {problem}")
+        return chosen
+
+    def _build_operator(self, name: str) -> LinearOperator:
+        layer = self._layers[name]
+        spec = layer.spec
+        sharded = sharded_operator(name, spec, self.view)  # a DTensor weight: iterated on its local shard
+        if sharded is not None:
+            if self._bn.get(name) is not None:
+                raise ValueError(f"Layer {name!r}: folding a BatchNorm into a sharded weight is not supported yet; "
+                                 "pass fold_bn=False")
+            return sharded
+        bn = self._bn.get(name)
+        if bn is not None:
+            spec = with_row_scale(spec, lambda bn=bn: batchnorm_scale(bn))
+        return operator_from_spec(spec, self.view, self._input_shapes.get(layer.module_name))
 
     def _buf(self, name: str) -> _LayerBuffers:
         if name in self.aliases:
@@ -383,17 +524,30 @@ class SpectralState(nn.Module):
         return self.layers[_key(name)]
 
     def module(self, name: str) -> nn.Module:
-        """The tracked module called ``name``."""
-        self._buf(name)
-        return self._model.get_submodule(name)
+        """The module the tracked operator ``name`` belongs to."""
+        return self.layer(name).module
 
     def operator(self, name: str) -> LinearOperator:
         """The operator iterated for ``name`` (BN-folded where applicable)."""
         self._buf(name)
         return self._ops[self.aliases.get(name, name)]
 
+    def matrix_operator(self, name: str) -> LinearOperator:
+        """The (BN-folded) matrix view of ``name``: :meth:`operator` in the matrix view, built anew in the operator view."""
+        op = self.operator(name)
+        if self.view == "matrix":
+            return op
+        layer = self.layer(name)
+        spec = layer.spec
+        bn = self.folded_bn(name)
+        if bn is not None:
+            spec = with_row_scale(spec, lambda: batchnorm_scale(bn))
+        return operator_from_spec(spec, "matrix")
+
     def input_shape(self, name: str) -> tuple[int, ...] | None:
         """The recorded input shape of a layer (operator view), else None."""
+        if name in self._layers or name in self.aliases:
+            return self._input_shapes.get(self.layer(name).module_name)
         return self._input_shapes.get(name)
 
     def folded_bn(self, name: str) -> nn.Module | None:
@@ -442,21 +596,26 @@ class SpectralState(nn.Module):
     # ------------------------------------------------------------------ iteration
     def _check_shapes(self) -> None:
         for name in self._names:
+            layer = self._layers[name]
             try:
-                module = self._model.get_submodule(name)
+                module = self._model.get_submodule(layer.module_name)
             except AttributeError:
                 raise ValueError(f"Layer {name!r} is no longer in the model; build a new SpectralState") from None
-            old = self._ops[name]
-            ref = module.weight_a if isinstance(module, (LowRankLinear, LowRankConv2d)) else module.weight
-            current = old.a if isinstance(old, LowRankView) else (old.weight if isinstance(old, MatrixView) else old.reference)
-            if ref is not current:
-                # The parameter object was replaced (e.g. by pruning): rebuild the view.
-                self._ops[name] = self._operator(name, module)
+            if module is not layer.module:
+                # The module was replaced (e.g. by pruning): describe the new one with the same view.
+                views = {v.name: v for v in layer_views(module, self.options)}
+                if layer.view.name not in views:
+                    raise ValueError(f"Layer {name!r} was replaced by a {type(module).__name__} without the operator "
+                                     f"{layer.view.name or 'of the old layer'}; build a new SpectralState")
+                self._layers[name] = Layer(name, layer.module_name, module, layer_kind(module), views[layer.view.name])
+                self._ops[name] = self._build_operator(name)
+            elif not isinstance(self._ops[name], ShardedView) and sharded_operator(name, layer.spec) is not None:
+                self._ops[name] = self._build_operator(name)  # the model was sharded after the state was built
             op = self._ops[name]
             m, n = op.shape
             buf = self.layers[_key(name)]
             if isinstance(op, ShardedView):
-                # A model sharded after the state was built: its warm vectors are sliced to match.
+                # Warm vectors drawn for the full operator are sliced to this rank's rows (once).
                 op.shard_buffers(buf)
             if buf.V.device != op.device or buf.V.dtype != op.dtype:
                 # The model moved (model.cuda(), model.double()): the warm vectors follow it.
@@ -465,12 +624,6 @@ class SpectralState(nn.Module):
                 raise ValueError(
                     f"Layer {name!r} changed shape since the SpectralState was built: operator was "
                     f"{buf.U.shape[0]}×{buf.V.shape[0]}, now {m}×{n}. Build a new SpectralState.")
-
-    def _operator(self, name: str, module: nn.Module) -> LinearOperator:
-        """The operator of one tracked layer: the sharded view when its weight is a DTensor."""
-        if is_sharded(module.weight_a if isinstance(module, (LowRankLinear, LowRankConv2d)) else module.weight):
-            return sharded_view(name, module, self.view, self._bn.get(name))
-        return operator_for(module, self.view, self._input_shapes.get(name), self._bn.get(name))
 
     def _products(self, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``U₀ = W V`` and ``Y = Wᵀ U₀`` for every layer, each back-end taking the layers it computes."""

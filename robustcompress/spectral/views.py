@@ -3,10 +3,17 @@
 Each view is a :class:`LinearOperator` ``R^n → R^m`` given by block products
 ``W V`` and ``Wᵀ U``, differentiable with respect to the layer's parameters:
 
-* :class:`MatrixView` — a weight as ``out × (in·k…)``, block diagonal for
-  grouped convolutions, optionally row-scaled by a folded BatchNorm;
-* :class:`LowRankView` — the product ``B·A`` of a factorised layer;
+* :class:`MatrixView` — a weight as ``out × (in·k…)`` (transposed for
+  weights stored in × out, row/column slices for packed Q/K/V and RNN gates),
+  block diagonal for grouped convolutions, optionally row-scaled by a folded BatchNorm;
+* :class:`LowRankView` — the product ``B·A`` of a factorised layer (or an attention circuit);
+* :class:`LoRAView` — ``op(W₀) + s·B·A`` of a LoRA-adapted layer;
 * :class:`FunctionOperator` — a convolution as the exact map at its input size.
+
+Layer kinds describe their operators as data (``robustcompress.layers``
+descriptors); :func:`operator_from_spec` turns a descriptor into one of these
+operators. Matrices are strided views of the one stored parameter (no copy),
+so gradients reach the weight in its own layout.
 
 Example:
     >>> from torch import nn
@@ -24,13 +31,24 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..layers import LowRankConv2d, LowRankLinear
+from ..layers import (
+    LoRASpec,
+    LowRankConv2d,
+    LowRankLinear,
+    LowRankSpec,
+    MatrixSpec,
+    batchnorm_scale,
+    layer_views,
+    with_row_scale,
+)
 
 __all__ = [
     "LinearOperator",
     "MatrixView",
     "LowRankView",
     "FunctionOperator",
+    "LoRAView",
+    "operator_from_spec",
     "matrix_view",
     "conv_operator",
     "operator_for",
@@ -91,45 +109,86 @@ class LinearOperator:
 
 
 class MatrixView(LinearOperator):
-    """A weight seen as a matrix ``out × (in·k…)``, optionally row-scaled.
+    """A weight seen as a matrix ``M`` (``out × (in·k…)``, or a transposed / sliced view), optionally row-scaled.
 
-    Grouped convolutions are block diagonal: ``g`` blocks of
-    ``(out/g) × (in/g·k…)``, whose singular values together are the operator's
-    (so ``σ₁`` is the largest over the groups). A row scale ``s`` gives
-    ``diag(s)·W`` (a layer folded with the eval-mode BatchNorm after it).
+    Built from a weight tensor (as before) or from a
+    :class:`~robustcompress.layers.MatrixSpec`. Grouped convolutions are
+    block diagonal: ``g`` blocks of ``(out/g) × (in/g·k…)``, whose singular
+    values together are the operator's (so ``σ₁`` is the largest over the
+    groups). A row scale ``s`` gives ``diag(s)·M`` (a layer folded with the
+    eval-mode BatchNorm after it).
+
+    Example:
+        >>> w = torch.randn(5, 3)                          # stored in × out
+        >>> op = MatrixView(MatrixSpec(lambda: w, transpose=True))
+        >>> op.shape, torch.equal(op.matvec(torch.eye(5)), w.T)
+        ((3, 5), True)
     """
 
-    def __init__(self, weight: torch.Tensor, groups: int = 1, row_scale: Callable[[], torch.Tensor] | None = None):
-        if weight.dim() < 2:
-            raise ValueError(f"Expected a weight with at least 2 dimensions, but got shape {tuple(weight.shape)}")
-        if weight.shape[0] % groups:
-            raise ValueError(f"out features {weight.shape[0]} not divisible by groups={groups}")
-        self.weight = weight
-        self.groups = groups
-        self.row_scale = row_scale
-        m = weight.shape[0]
-        n = groups * weight[0].numel()
-        self.shape = (m, n)
-        self.batch_key = ("matrix", m, n, str(weight.device), _compute_dtype(weight.dtype)) if groups == 1 else None
+    def __init__(self, weight: torch.Tensor | MatrixSpec, groups: int = 1,
+                 row_scale: Callable[[], torch.Tensor] | None = None):
+        if isinstance(weight, MatrixSpec):
+            spec = weight
+            if groups != 1 or row_scale is not None:
+                raise ValueError("Pass groups and row_scale inside the MatrixSpec, not beside it")
+        elif isinstance(weight, torch.Tensor):
+            if weight.dim() < 2:
+                raise ValueError(f"Expected a weight with at least 2 dimensions, but got shape {tuple(weight.shape)}")
+            if weight.shape[0] % groups:
+                raise ValueError(f"out features {weight.shape[0]} not divisible by groups={groups}")
+            spec = MatrixSpec(lambda: weight, groups=groups, row_scale=row_scale)
+        else:
+            raise TypeError(f"Expected a weight tensor or a MatrixSpec, but got {type(weight).__name__}")
+        self.spec = spec
+        self.groups = spec.groups
+        self.row_scale = spec.row_scale
+
+    @property
+    def plain(self) -> bool:
+        """True when the view is the stored weight itself (no transpose, no slice)."""
+        return not self.spec.transpose and self.spec.rows is None and self.spec.cols is None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The tensor this view multiplies: the stored weight for a plain view, else its 2-D strided view ``M``.
+
+        A row-sliced view of a contiguous weight (packed Q/K/V, RNN gates) is
+        contiguous with an offset; a transposed or column-sliced one is not.
+        """
+        return self.spec.weight() if self.plain else self.spec.matrix() if self.groups == 1 else self.spec._sliced()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.spec.shape
+
+    @property
+    def batch_key(self) -> tuple | None:
+        if self.groups != 1:
+            return None
+        m, n = self.shape
+        return ("matrix", m, n, str(self.device), self.dtype)
 
     @property
     def device(self):
-        return self.weight.device
+        return self.spec.weight().device
 
     @property
     def dtype(self):
-        return _compute_dtype(self.weight.dtype)
+        return _compute_dtype(self.spec.weight().dtype)
 
     def _scale(self) -> torch.Tensor | None:
         return None if self.row_scale is None else self.row_scale().to(self.dtype)
 
+    def _m(self) -> torch.Tensor:
+        return self.spec.matrix().to(self.dtype) if self.groups == 1 else self.spec.matrix()
+
     def _blocks_raw(self) -> torch.Tensor:
         """``g × (out/g) × (in/g·k…)`` unscaled blocks."""
-        return rearrange(self.weight.to(self.dtype), "(g o) i ... -> g o (i ...)", g=self.groups)
+        return self.spec.blocks().to(self.dtype)
 
     def matrix2d(self) -> torch.Tensor:
-        """The row-scaled weight as ``out × (in/g·k…)`` (for ungrouped layers, the matrix)."""
-        w = rearrange(self.weight.to(self.dtype), "o i ... -> o (i ...)")
+        """The row-scaled ``M`` as ``out × (in/g·k…)`` (for ungrouped layers, the matrix)."""
+        w = self.spec._sliced().to(self.dtype)
         s = self._scale()
         return w if s is None else s[:, None] * w
 
@@ -137,7 +196,7 @@ class MatrixView(LinearOperator):
         # The row scale is applied to the product, never to W: diag(s)·W would
         # write a scaled copy of the weight on every call.
         if self.groups == 1:
-            out = rearrange(self.weight.to(self.dtype), "o i ... -> o (i ...)") @ v
+            out = self.spec.matrix().to(self.dtype) @ v
         else:
             vg = rearrange(v, "(g c) k -> g c k", g=self.groups)
             out = rearrange(torch.bmm(self._blocks_raw(), vg), "g o k -> (g o) k")
@@ -149,8 +208,7 @@ class MatrixView(LinearOperator):
         if s is not None:
             u = s[:, None] * u
         if self.groups == 1:
-            w = rearrange(self.weight.to(self.dtype), "o i ... -> o (i ...)")
-            return w.T @ u
+            return self.spec.matrix().to(self.dtype).T @ u
         ug = rearrange(u, "(g o) k -> g o k", g=self.groups)
         return rearrange(torch.bmm(self._blocks_raw().transpose(1, 2), ug), "g c k -> (g c) k")
 
@@ -169,13 +227,44 @@ class MatrixView(LinearOperator):
 
 
 class LowRankView(LinearOperator):
-    """The product ``diag(s)·B·A`` of a factorised layer, as one operator (matrix view)."""
+    """The product ``diag(s)·B·A`` of a factorised layer (or an attention circuit), as one operator.
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, row_scale: Callable[[], torch.Tensor] | None = None):
-        self.a = a  # r × n (or r × in × kh × kw)
-        self.b = b  # m × r (or m × r × 1 × 1)
-        self.row_scale = row_scale
-        self.shape = (b.shape[0], a[0].numel())
+    Built from the factor tensors ``a`` (``r × n`` or ``r × in × kh × kw``)
+    and ``b`` (``m × r`` or ``m × r × 1 × 1``), or from a
+    :class:`~robustcompress.layers.LowRankSpec` (factors may be transposed or sliced views).
+
+    Example:
+        >>> a, b = torch.randn(2, 6), torch.randn(4, 2)
+        >>> torch.allclose(LowRankView(a, b).matrix(), b @ a)
+        True
+    """
+
+    def __init__(self, a: torch.Tensor | LowRankSpec, b: torch.Tensor | None = None,
+                 row_scale: Callable[[], torch.Tensor] | None = None):
+        if isinstance(a, LowRankSpec):
+            if b is not None or row_scale is not None:
+                raise ValueError("Pass the factors and row_scale inside the LowRankSpec, not beside it")
+            spec = a
+        elif isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            spec = LowRankSpec(MatrixSpec(lambda: a), MatrixSpec(lambda: b), row_scale)
+        else:
+            raise TypeError("Expected factor tensors a and b, or a LowRankSpec")
+        self.spec = spec
+        self.row_scale = spec.row_scale
+
+    @property
+    def a(self) -> torch.Tensor:
+        """The stored tensor of factor A."""
+        return self.spec.a.weight()
+
+    @property
+    def b(self) -> torch.Tensor:
+        """The stored tensor of factor B."""
+        return self.spec.b.weight()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.spec.shape
 
     @property
     def device(self):
@@ -186,9 +275,7 @@ class LowRankView(LinearOperator):
         return _compute_dtype(self.a.dtype)
 
     def _factors(self):
-        a = rearrange(self.a.to(self.dtype), "r ... -> r (...)")
-        b = rearrange(self.b.to(self.dtype), "o r ... -> o (r ...)")
-        return a, b
+        return self.spec.a.matrix().to(self.dtype), self.spec.b.matrix().to(self.dtype)
 
     def _scale(self):
         return None if self.row_scale is None else self.row_scale().to(self.dtype)
@@ -219,6 +306,54 @@ class LowRankView(LinearOperator):
         if s is not None:
             b = s[:, None] * b
         return ((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt()
+
+
+class LoRAView(LinearOperator):
+    """``op(W₀) + s·B·A``: a LoRA-adapted layer's effective weight, never formed for products.
+
+    ``W v = op(W₀) v + s·B (A v)`` and ``Wᵀ u = op(W₀)ᵀ u + s·Aᵀ (Bᵀ u)``;
+    with ``W₀`` frozen, gradients of ``uᵀ W v`` reach only ``A`` and ``B``.
+
+    Example:
+        >>> w0, a, b = torch.randn(4, 6), torch.randn(2, 6), torch.randn(4, 2)
+        >>> op = LoRAView(LoRASpec(MatrixSpec(lambda: w0), MatrixSpec(lambda: a), MatrixSpec(lambda: b), 0.5))
+        >>> torch.allclose(op.matrix(), w0 + 0.5 * b @ a)
+        True
+    """
+
+    def __init__(self, spec: LoRASpec):
+        if not isinstance(spec, LoRASpec):
+            raise TypeError(f"Expected a LoRASpec, but got {type(spec).__name__}")
+        self.spec = spec
+        self.row_scale = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.spec.shape
+
+    @property
+    def device(self):
+        return self.spec.base.weight().device
+
+    @property
+    def dtype(self):
+        return _compute_dtype(self.spec.base.weight().dtype)
+
+    def _parts(self):
+        sp = self.spec
+        return sp.base.matrix().to(self.dtype), sp.a.matrix().to(self.dtype), sp.b.matrix().to(self.dtype)
+
+    def matvec(self, v):
+        w0, a, b = self._parts()
+        return w0 @ v + self.spec.scale * (b @ (a @ v))
+
+    def rmatvec(self, u):
+        w0, a, b = self._parts()
+        return w0.T @ u + self.spec.scale * (a.T @ (b.T @ u))
+
+    def matrix(self):
+        w0, a, b = self._parts()
+        return w0 + self.spec.scale * (b @ a)
 
 
 class FunctionOperator(LinearOperator):
@@ -283,22 +418,103 @@ class FunctionOperator(LinearOperator):
         return super().frobenius()
 
 
-def _bn_scale(bn: nn.modules.batchnorm._BatchNorm) -> Callable[[], torch.Tensor]:
-    def scale() -> torch.Tensor:
-        s = torch.rsqrt(bn.running_var + bn.eps)
-        return s if bn.weight is None else bn.weight * s
-    return scale
+def _scale_of(bn: nn.Module | None) -> Callable[[], torch.Tensor] | None:
+    return None if bn is None else (lambda: batchnorm_scale(bn))
+
+
+def operator_from_spec(spec: MatrixSpec | LowRankSpec | LoRASpec, view: str = "matrix",
+                       input_shape: Sequence[int] | None = None) -> LinearOperator:
+    """The operator a layer kind's descriptor describes.
+
+    Args:
+        spec: a :class:`~robustcompress.layers.MatrixSpec`,
+            :class:`~robustcompress.layers.LowRankSpec` or
+            :class:`~robustcompress.layers.LoRASpec`.
+        view: ``"matrix"`` or ``"operator"`` (the exact convolution at
+            ``input_shape``; descriptors without convolution geometry are
+            matrices in both views).
+        input_shape: one example's input shape, channels first (operator view of a convolution).
+
+    Returns:
+        A :class:`MatrixView`, :class:`LowRankView`, :class:`LoRAView` or :class:`FunctionOperator`.
+
+    Example:
+        >>> from robustcompress.layers import layer_views
+        >>> (v,) = layer_views(nn.Conv2d(2, 3, 3, padding=1))
+        >>> operator_from_spec(v.spec).shape, operator_from_spec(v.spec, "operator", (2, 4, 4)).shape
+        ((3, 18), (48, 32))
+    """
+    if view not in ("matrix", "operator"):
+        raise ValueError(f"Expected view to be 'matrix' or 'operator', but got view={view!r}")
+    conv = getattr(spec, "conv", None)
+    if view == "operator" and conv is not None:
+        if input_shape is None:
+            raise ValueError("The operator view of a convolution needs its input size: pass input_shape=(C, H, W) "
+                             "for the model input (or example_input) to SpectralState, or input_shapes={name: shape}")
+        return _conv_function(spec, tuple(input_shape))
+    if isinstance(spec, MatrixSpec):
+        return MatrixView(spec)
+    if isinstance(spec, LowRankSpec):
+        return LowRankView(spec)
+    if isinstance(spec, LoRASpec):
+        return LoRAView(spec)
+    raise TypeError(f"Expected a MatrixSpec, LowRankSpec or LoRASpec, but got {type(spec).__name__}")
+
+
+def _conv_function(spec: MatrixSpec | LowRankSpec, input_shape: tuple[int, ...]) -> FunctionOperator:
+    conv = spec.conv
+    if len(input_shape) != conv.dims + 1 or any(not isinstance(s, int) or s < 1 for s in input_shape):
+        raise ValueError(f"Expected input_shape to be {conv.dims + 1} positive ints (channels first, no batch), "
+                         f"but got input_shape={input_shape!r}")
+    if isinstance(spec, LowRankSpec):
+        ref = spec.a.weight()
+        dtype = _compute_dtype(ref.dtype)
+        in_ch = ref.shape[1]
+
+        def fn(x):
+            return F.conv2d(conv.apply(x, spec.a.weight().to(dtype)), spec.b.weight().to(dtype))
+        frob = None
+    else:
+        ref = spec.weight()
+        dtype = _compute_dtype(ref.dtype)
+        in_ch = ref.shape[1] * conv.groups
+
+        def fn(x):
+            return conv.apply(x, spec.weight().to(dtype))
+        frob = None
+        if conv.padding_mode == "zeros":
+            # ‖A‖_F² = Σ over output positions of the squared taps that land
+            # inside the input = the convolution of an all-ones input with W².
+            def frob():
+                ones = torch.ones((1, *input_shape), device=ref.device, dtype=dtype)
+                out = conv.apply(ones, spec.weight().to(dtype) ** 2)
+                return out.sum(dim=tuple(d for d in range(out.dim()) if d != 1))
+    if input_shape[0] != in_ch:
+        raise ValueError(f"input_shape has {input_shape[0]} channels but the layer expects {in_ch}")
+    return FunctionOperator(fn, input_shape, ref, spec.row_scale, frob)
+
+
+def _single_spec(layer: nn.Module, what: str):
+    views = layer_views(layer)
+    if not views:
+        raise TypeError(f"No {what} for {type(layer).__name__}: it has no registered layer kind "
+                        "(see robustcompress.layers.register_layer_kind)")
+    if len(views) != 1:
+        raise TypeError(f"{type(layer).__name__} has {len(views)} operators ({[v.name for v in views]}); "
+                        "use robustcompress.layers.find_layers and operator_from_spec for each")
+    return views[0].spec
 
 
 def matrix_view(layer: nn.Module | torch.Tensor, bn: nn.Module | None = None) -> LinearOperator:
-    """The matrix view of a layer: ``rearrange(w, "o i ... -> o (i ...)")``.
+    """The matrix view of a layer, from its registered kind: ``rearrange(w, "o i ... -> o (i ...)")``.
 
     For ``LowRankLinear`` / ``LowRankConv2d`` the product ``B·A``; for a
-    grouped convolution the block-diagonal matrix of its groups; with ``bn``
-    (a BatchNorm with running statistics) the folded ``diag(γ/√(var+ε))·W``.
+    grouped convolution the block-diagonal matrix of its groups; for
+    transformers' ``Conv1D`` ``Wᵀ``; with ``bn`` (a BatchNorm with running
+    statistics) the folded ``diag(|γ|/√(var+ε))·W``.
 
     Args:
-        layer: a supported module, or a weight tensor (≥ 2-D) given directly.
+        layer: a module whose kind has one operator, or a weight tensor (≥ 2-D) given directly.
         bn: the BatchNorm that follows the layer, to fold in.
 
     Returns:
@@ -308,26 +524,22 @@ def matrix_view(layer: nn.Module | torch.Tensor, bn: nn.Module | None = None) ->
         >>> matrix_view(nn.Conv2d(3, 8, 3)).shape
         (8, 27)
     """
-    scale = _bn_scale(bn) if bn is not None else None
+    scale = _scale_of(bn)
     if isinstance(layer, torch.Tensor):
         return MatrixView(layer, 1, scale)
-    if isinstance(layer, (LowRankLinear, LowRankConv2d)):
-        return LowRankView(layer.weight_a, layer.weight_b, scale)
-    if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-        return MatrixView(layer.weight, getattr(layer, "groups", 1), scale)
-    raise TypeError(f"No matrix view for {type(layer).__name__}; supported: "
-                    f"{', '.join(t.__name__ for t in SUPPORTED_LAYERS)} or a weight tensor")
+    spec = _single_spec(layer, "matrix view")
+    return operator_from_spec(spec if scale is None else with_row_scale(spec, scale))
 
 
 def conv_operator(layer: nn.Module, input_shape: Sequence[int], bn: nn.Module | None = None) -> FunctionOperator:
     """The convolution as the linear map it is at ``input_shape`` (bias excluded).
 
-    Stride, dilation, groups and every padding mode are honoured (the layer's
-    own convolution is applied); the adjoint is exact through autograd's vector–Jacobian product.
+    Stride, dilation, groups and every padding mode are honoured; the adjoint
+    is exact through autograd's vector–Jacobian product.
 
     Args:
-        layer: ``nn.Conv1d``, ``nn.Conv2d`` or ``LowRankConv2d``.
-        input_shape: ``(C, L)`` or ``(C, H, W)``, one example without the batch dimension.
+        layer: ``nn.Conv1d/2d/3d`` or ``LowRankConv2d`` (any kind whose descriptor has convolution geometry).
+        input_shape: ``(C, L)``, ``(C, H, W)`` or ``(C, D, H, W)``, one example without the batch dimension.
         bn: an eval-mode BatchNorm to fold in per output channel.
 
     Returns:
@@ -337,35 +549,12 @@ def conv_operator(layer: nn.Module, input_shape: Sequence[int], bn: nn.Module | 
         >>> conv_operator(nn.Conv2d(1, 2, 3, padding=1), (1, 4, 4)).shape
         (32, 16)
     """
-    if not isinstance(layer, (nn.Conv1d, nn.Conv2d, LowRankConv2d)):
-        raise TypeError(f"conv_operator needs Conv1d, Conv2d or LowRankConv2d, but got {type(layer).__name__}")
-    input_shape = tuple(input_shape)
-    expected = 2 if isinstance(layer, nn.Conv1d) else 3
-    if len(input_shape) != expected or any(not isinstance(s, int) or s < 1 for s in input_shape):
-        raise ValueError(f"Expected input_shape to be {expected} positive ints (channels first, no batch), "
-                         f"but got input_shape={input_shape!r}")
-    in_ch = layer.in_channels
-    if input_shape[0] != in_ch:
-        raise ValueError(f"input_shape has {input_shape[0]} channels but the layer expects {in_ch}")
-    ref = layer.weight_a if isinstance(layer, LowRankConv2d) else layer.weight
-    dtype = _compute_dtype(ref.dtype)
-    if isinstance(layer, LowRankConv2d):
-        def fn(x):
-            return F.conv2d(F.conv2d(x, layer.weight_a.to(dtype), None, **layer.conv_args), layer.weight_b.to(dtype))
-        frob = None
-    else:
-        def fn(x):
-            return layer._conv_forward(x, layer.weight.to(dtype), None)
-        frob = None
-        if layer.padding_mode == "zeros":
-            # ‖A‖_F² = Σ over output positions of the squared taps that land
-            # inside the input = the convolution of an all-ones input with W².
-            def frob():
-                ones = torch.ones((1, *input_shape), device=ref.device, dtype=dtype)
-                out = layer._conv_forward(ones, layer.weight.to(dtype) ** 2, None)
-                return out.sum(dim=tuple(d for d in range(out.dim()) if d != 1))
-    scale = _bn_scale(bn) if bn is not None else None
-    return FunctionOperator(fn, input_shape, ref, scale, frob)
+    spec = _single_spec(layer, "convolution operator") if isinstance(layer, nn.Module) else None
+    if getattr(spec, "conv", None) is None:
+        raise TypeError(f"conv_operator needs a convolution (Conv1d/2d/3d, LowRankConv2d), "
+                        f"but got {type(layer).__name__}")
+    scale = _scale_of(bn)
+    return _conv_function(spec if scale is None else with_row_scale(spec, scale), tuple(input_shape))
 
 
 def operator_for(layer: nn.Module, view: str = "matrix", input_shape: Sequence[int] | None = None,
@@ -374,15 +563,21 @@ def operator_for(layer: nn.Module, view: str = "matrix", input_shape: Sequence[i
 
     Linear layers are matrices in both views; convolutions in the operator
     view need ``input_shape``.
+
+    Example:
+        >>> operator_for(nn.Linear(3, 2), "operator").shape
+        (2, 3)
     """
     if view not in ("matrix", "operator"):
         raise ValueError(f"Expected view to be 'matrix' or 'operator', but got view={view!r}")
-    if view == "operator" and isinstance(layer, (nn.Conv1d, nn.Conv2d, LowRankConv2d)):
-        if input_shape is None:
-            raise ValueError(
-                f"The operator view of {type(layer).__name__} needs its input size: pass input_shape=(C, H, W) "
-                "for the model input (or example_input) to SpectralState, or input_shapes={name: shape}")
-        return conv_operator(layer, input_shape, bn)
-    return matrix_view(layer, bn)
-
-
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"Expected layer to be an nn.Module, but got {type(layer).__name__}")
+    spec = _single_spec(layer, "operator")
+    scale = _scale_of(bn)
+    if scale is not None:
+        spec = with_row_scale(spec, scale)
+    if view == "operator" and getattr(spec, "conv", None) is not None and input_shape is None:
+        raise ValueError(
+            f"The operator view of {type(layer).__name__} needs its input size: pass input_shape=(C, H, W) "
+            "for the model input (or example_input) to SpectralState, or input_shapes={name: shape}")
+    return operator_from_spec(spec, view, input_shape)

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ._checks import positive_int
+from .._checks import positive_int
 
-__all__ = ["LowRankLinear", "LowRankConv2d", "to_low_rank", "best_rank_factors"]
+__all__ = ["LowRankLinear", "LowRankConv2d", "to_low_rank", "to_dense", "best_rank_factors"]
 
 
 def best_rank_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,3 +311,52 @@ def to_low_rank(
                 dilation=old.dilation, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
         setattr(parent, child, new)
     return target
+
+
+def to_dense(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Replace ``LowRankLinear`` / ``LowRankConv2d`` by the dense layer of weight ``B·A``: the inverse of :func:`to_low_rank`.
+
+    The dense layer computes the same function (``W = B·A``, bias copied,
+    stride/padding/dilation kept), on the factors' device and dtype, so
+    structured pruning and export can act on it. ``to_dense(to_low_rank(m, r))``
+    has ``m``'s layer types; its weights are the rank-``r`` approximations.
+
+    Args:
+        model: the network.
+        inplace: modify ``model`` instead of a deep copy.
+
+    Returns:
+        The model with dense layers.
+
+    Example:
+        >>> from torch import nn
+        >>> m = to_low_rank(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), 2)
+        >>> d = to_dense(m)
+        >>> type(d[0]).__name__, torch.allclose(d[0].weight, m[0].weight)
+        ('Linear', True)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected model to be an nn.Module, but got {type(model).__name__}")
+    if isinstance(model, (LowRankLinear, LowRankConv2d)):
+        return _dense_layer(model)
+    target = model if inplace else copy.deepcopy(model)
+    for name, module in list(target.named_modules()):
+        if isinstance(module, (LowRankLinear, LowRankConv2d)):
+            parent_name, _, child = name.rpartition(".")
+            setattr(target.get_submodule(parent_name) if parent_name else target, child, _dense_layer(module))
+    return target
+
+
+def _dense_layer(layer: nn.Module) -> nn.Module:
+    kw = {"device": layer.weight_a.device, "dtype": layer.weight_a.dtype}
+    if isinstance(layer, LowRankLinear):
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, **kw)
+    else:
+        dense = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, bias=layer.bias is not None,
+                          **layer.conv_args, **kw)
+    with torch.no_grad():
+        dense.weight.copy_(layer.weight)
+        if layer.bias is not None:
+            dense.bias.copy_(layer.bias)
+    dense.train(layer.training)
+    return dense
