@@ -134,7 +134,7 @@ def _state_worker(rank, world, init_file, out_dir):
     _init(rank, world, init_file)
     try:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.tensor import DTensor, Partial
+        from torch.distributed.tensor import DTensor, Partial, Replicate
         from torch.distributed.tensor.debug import CommDebugMode
         from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -176,8 +176,11 @@ def _state_worker(rank, world, init_file, out_dir):
         full_t = _spectrum_weight(7, 5, gen)  # stored 7 × 5, operator 5 × 7
         dt = nn.Parameter(torch.distributed.tensor.distribute_tensor(full_t, w.device_mesh, [torch.distributed.tensor.Shard(0)]))
         # A packed block (rows 1:4 of the operator, like one of Q/K/V) is sliced locally: its axis is unsharded.
+        # A replicated DTensor (every rank holds W) is iterated locally and adds nothing to the all-reduce.
+        rep = nn.Parameter(torch.distributed.tensor.distribute_tensor(full_t, w.device_mesh, [Replicate()]))
         views = {"conv1d": ShardedView("conv1d", MatrixSpec(lambda: dt, transpose=True)),
-                 "packed": ShardedView("packed", MatrixSpec(lambda: dt, transpose=True, rows=slice(1, 4)))}
+                 "packed": ShardedView("packed", MatrixSpec(lambda: dt, transpose=True, rows=slice(1, 4))),
+                 "replicated": ShardedView("replicated", MatrixSpec(lambda: rep))}
         bufs = {}
         for name, view in views.items():
             m, n = view.shape
@@ -195,6 +198,7 @@ def _state_worker(rank, world, init_file, out_dir):
                              torch.linalg.svdvals(full_t)[:2], tuple(bufs["conv1d"].V.to_local().shape),
                              sum(comm.get_comm_counts().values()))
         out["packed"] = (bufs["packed"].S.clone(), torch.linalg.svdvals(full_t.T[1:4])[:2])
+        out["replicated"] = (views["replicated"].side, bufs["replicated"].S.clone(), torch.linalg.svdvals(full_t)[:2])
         try:
             ShardedView("straddling", MatrixSpec(lambda: dt, transpose=True, cols=slice(0, 3)))
             out["straddling"] = None
@@ -222,6 +226,12 @@ def _state_worker(rank, world, init_file, out_dir):
         sd = other.state_dict()
         dcp.load(sd, checkpoint_id=ckpt)
         other.load_state_dict(sd)
+        # broadcast_state (wrap's state sync on CUDA) leaves each rank's shard of U alone
+        from robustcompress.optim import broadcast_state
+
+        before = [_full(b).clone() for b in state.buffers()]
+        broadcast_state(state)
+        out["broadcast_kept"] = all(torch.equal(a, _full(b)) for a, b in zip(before, state.buffers()))
         out["reloaded_equal"] = all(torch.equal(_full(a), _full(b)) for a, b in
                                     zip(state.state_dict().values(), other.state_dict().values()))
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -242,11 +252,13 @@ def test_fsdp_state_converges_communicates_once_refuses_and_checkpoints(tmp_path
         assert out["stale"] is not None and "state.step()" in out["stale"]
         assert "'0'" in out["refusals"]["Partial"] and "Partial" in out["refusals"]["Partial"]
         assert "'0'" in out["refusals"]["_StridedShard"] and "_StridedShard" in out["refusals"]["_StridedShard"]
-        assert out["reloaded_equal"]
+        assert out["reloaded_equal"] and out["broadcast_kept"]
         side, shape, s, exact, v_local, collectives = out["transposed"]
         assert side == "cols" and shape == (5, 7) and collectives == 1
         torch.testing.assert_close(s, exact, rtol=1e-5, atol=0)
         torch.testing.assert_close(out["packed"][0], out["packed"][1], rtol=1e-5, atol=0)
+        assert out["replicated"][0] == "replicated"
+        torch.testing.assert_close(out["replicated"][1], out["replicated"][2], rtol=1e-5, atol=0)
         assert "'straddling'" in out["straddling"] and "straddle" in out["straddling"]
     assert {r0["transposed"][4], r1["transposed"][4]} == {(4, 2), (3, 2)}  # uneven V shards
     # σ and the replicated blocks are bitwise identical on both ranks
