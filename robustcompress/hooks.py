@@ -167,9 +167,10 @@ class Tracker:
             layer = catalog[name]
             self._modules.setdefault(layer.module_name, (layer.module, layer.kind.feature_axis))
         self._handles.append(model.register_forward_pre_hook(self._root_pre))
-        self._handles.append(model.register_forward_hook(self._root_post))
         for mname, (module, axis) in self._modules.items():
             self._handles.append(module.register_forward_hook(self._layer_hook(mname, axis)))
+        # Last: when the model is itself a tracked layer its layer hook runs first.
+        self._handles.append(model.register_forward_hook(self._root_post))
 
     # -------------------------------------------------------------- hooks
     def _root_pre(self, module: nn.Module, args: Any) -> None:

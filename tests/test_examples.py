@@ -164,3 +164,15 @@ def test_cifar_runs_under_torchrun_with_two_processes(tmp_path, fake_cifar):
     assert [r["epoch"] for r in json_lines(proc.stdout) if "epoch" in r] == [1]  # rank 0 alone prints
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and not any(k.startswith("module.") for k in ckpt["model"])
+
+
+def test_finetune_transformer_tiny_leaves_frozen_weights_alone():
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    rows = json_lines(run_example("finetune_transformer.py", "--tiny").stdout)
+    assert [(r["mode"], r["strength"]) for r in rows] == [("full", 0.0), ("full", 0.01), ("lora", 0.0), ("lora", 0.01)]
+    assert all(r["frozen_untouched"] for r in rows)
+    assert all(r["frozen_tensors"] == 0 for r in rows[:2]) and all(r["frozen_tensors"] > 0 for r in rows[2:])
+    # The same layers are reported with and without the penalty.
+    assert rows[0]["layers"] == rows[1]["layers"] and rows[2]["layers"] == rows[3]["layers"]
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["max_sigma1"] > 0 for r in rows)

@@ -245,7 +245,8 @@ def test_parametrized_weights_are_the_parametrized_operator_with_gradients_throu
     lin = nn.utils.parametrizations.weight_norm(nn.Linear(5, 4).double())
     g, v = lin.parametrizations.weight.original0, lin.parametrizations.weight.original1
     (view,) = layer_views(lin)
-    # power=False: each product recomputes the parametrized weight (slow here); matvec is the Linear's, power-checked above
+    # power=False: every product recomputes the weight through the parametrization (torch._weight_norm, slow
+    # on a busy multi-threaded CPU); the products are the Linear's, power-checked above.
     _check(view.spec, lambda: g * v / v.norm(dim=1, keepdim=True), [g, v], power=False)
     sn = nn.utils.parametrizations.spectral_norm(nn.Linear(5, 4).double())
     (view,) = layer_views(sn)

@@ -271,10 +271,16 @@ def test_bad_inputs_are_rejected_clearly():
         SpectralState(nn.Sequential(nn.Linear(2, 2)), layers=["nope"])
     with pytest.raises(ValueError, match="k"):
         SpectralState(nn.Sequential(nn.Linear(2, 2)), k=0)
-    with pytest.raises(ValueError, match="Embedding"):
-        SpectralState(nn.Sequential(nn.Embedding(3, 2)), layers=["0"])
-    emb = SpectralState(nn.Sequential(nn.Embedding(3, 2), nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="no layer.*lookup table"):
+        SpectralState(nn.Sequential(nn.Embedding(3, 2)))
+    # An Embedding is left out by default (one warning, with the reason) and tracked when named.
+    with pytest.warns(UserWarning, match="lookup table") as caught:
+        emb = SpectralState(nn.Sequential(nn.Embedding(3, 2), nn.Linear(2, 2)))
+    assert len(caught) == 1
     assert "0" in emb.skipped and emb.names == ["1"]
+    assert SpectralState(nn.Sequential(nn.Embedding(3, 2), nn.Linear(2, 2)), layers=["0"]).names == ["0"]
+    with pytest.raises(ValueError, match="no registered layer kind"):
+        SpectralState(nn.Sequential(nn.Bilinear(2, 2, 2), nn.Linear(2, 2)), layers=["0"])
     int_layer = nn.Linear(2, 2)
     int_layer.weight = nn.Parameter(torch.ones(2, 2, dtype=torch.int32), requires_grad=False)
     with pytest.raises(ValueError, match="floating-point"):
@@ -291,10 +297,15 @@ def test_bad_inputs_are_rejected_clearly():
         state.step()
 
 
-def test_parametrized_modules_are_refused():
-    layer = nn.utils.parametrizations.spectral_norm(nn.Linear(3, 3))
-    with pytest.raises(ValueError, match="parametriz"):
-        SpectralState(nn.Sequential(layer), layers=["0"])
+def test_parametrized_modules_are_tracked_through_the_parametrization():
+    torch.manual_seed(0)
+    layer = nn.utils.parametrizations.weight_norm(nn.Linear(6, 5))
+    state = SpectralState(nn.Sequential(layer), init_iter=200)
+    exact = torch.linalg.svdvals(layer.weight.detach().double())[0]
+    assert float(state.sigmas("0")[0]) == pytest.approx(float(exact), rel=1e-5)
+    state.sigma("0").backward()
+    originals = list(layer.parametrizations.weight.parameters())
+    assert all(p.grad is not None for p in originals)
 
 
 def test_cholesky_qr2_survives_ill_conditioning():
