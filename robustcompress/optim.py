@@ -51,6 +51,7 @@ from ._checks import positive_float
 from .layers import LowRankConv2d, LowRankLinear
 from .penalties import Penalty, PenaltySum, StateTerm, flatten_penalties, unwrap_model
 from .spectral import MatrixView, SpectralState
+from .spectral.sharded import is_sharded
 
 __all__ = ["wrap", "attach", "PenaltyHooks", "PenalizedOptimizer", "describe_term", "Projection", "SpectralNormClip", "RowL1Cap", "broadcast_state"]
 
@@ -175,6 +176,10 @@ def broadcast_state(state: SpectralState, src: int = 0, group: Any = None) -> No
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return
     for buf in state.buffers():
+        if is_sharded(buf):
+            # The sharded block of an FSDP2 layer differs by rank by design; its replicated
+            # block and σ come out of one all-reduce, identical on every rank already.
+            continue
         dist.broadcast(buf, src=src, group=group)
 
 

@@ -44,6 +44,7 @@ from ..layers import head_name as registry_head_name
 from ..layers import with_row_scale
 from .backends import FusedBackend, ProductBackend, TorchBackend
 from .iteration import cholesky_qr2, gram_upper_bound, power_step, ritz_step
+from .sharded import ShardedBackend, ShardedView, refuse_bn_folding, sharded_operator
 from .views import LinearOperator, operator_from_spec
 
 __all__ = ["SpectralState", "Coverage", "record_input_shapes", "unsupported_reason", "observed_forward"]
@@ -403,9 +404,15 @@ class SpectralState(nn.Module):
         if fold_bn and example_input is None and input_shape is not None:
             p = next(model.parameters())
             example_input = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
-        self._bn = _find_bn_successors(model, self._layers, example_input) if fold_bn else {}
+        if fold_bn and any(sharded_operator(n, self._layers[n].spec) is not None for n in tracked):
+            # Tracing for BatchNorm successors would run FSDP's forward hooks; folding is refused instead.
+            refuse_bn_folding(model)
+            self._bn = {}
+        else:
+            self._bn = _find_bn_successors(model, self._layers, example_input) if fold_bn else {}
         self._names = tracked
         self._ops: dict[str, LinearOperator] = {n: self._build_operator(n) for n in tracked}
+        self._sharded = ShardedBackend()
 
         gen = torch.Generator().manual_seed(seed)
         self.refine_tol = nonnegative_float(refine_tol, "refine_tol")
@@ -418,6 +425,8 @@ class SpectralState(nn.Module):
             op = self._ops[name]
             m, n = op.shape
             self.layers[_key(name)] = _LayerBuffers(m, n, min(k, m, n), op.dtype, op.device, gen)
+            if isinstance(op, ShardedView):
+                op.shard_buffers(self.layers[_key(name)])
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self._cache_version = None
         if init_iter:
@@ -514,6 +523,12 @@ class SpectralState(nn.Module):
     def _build_operator(self, name: str) -> LinearOperator:
         layer = self._layers[name]
         spec = layer.spec
+        sharded = sharded_operator(name, spec, self.view)  # a DTensor weight: iterated on its local shard
+        if sharded is not None:
+            if self._bn.get(name) is not None:
+                raise ValueError(f"Layer {name!r}: folding a BatchNorm into a sharded weight is not supported yet; "
+                                 "pass fold_bn=False")
+            return sharded
         bn = self._bn.get(name)
         if bn is not None:
             spec = with_row_scale(spec, lambda bn=bn: batchnorm_scale(bn))
@@ -577,6 +592,8 @@ class SpectralState(nn.Module):
         """
         b = self._buf(name)
         op = self._ops[self.aliases.get(name, name)]
+        if isinstance(op, ShardedView):
+            return op.sigmas_expr(b, 1)[0]
         u, v = b.U[:, :1].detach(), b.V[:, :1].detach()
         return (u * op.matvec(v)).sum()
 
@@ -584,12 +601,15 @@ class SpectralState(nn.Module):
         """Differentiable ``σ_j ≈ u_jᵀ W v_j`` for all k tracked directions."""
         b = self._buf(name)
         op = self._ops[self.aliases.get(name, name)]
+        if isinstance(op, ShardedView):
+            return op.sigmas_expr(b, b.S.numel())
         return (b.U.detach() * op.matvec(b.V.detach())).sum(0)
 
     def frobenius(self, name: str) -> torch.Tensor:
         """``‖W‖_F`` of the iterated operator (differentiable)."""
-        self._buf(name)
-        return self._ops[self.aliases.get(name, name)].frobenius()
+        b = self._buf(name)
+        op = self._ops[self.aliases.get(name, name)]
+        return op.frobenius_expr(b) if isinstance(op, ShardedView) else op.frobenius()
 
     # ------------------------------------------------------------------ iteration
     def _check_shapes(self) -> None:
@@ -607,9 +627,14 @@ class SpectralState(nn.Module):
                                      f"{layer.view.name or 'of the old layer'}; build a new SpectralState")
                 self._layers[name] = Layer(name, layer.module_name, module, layer_kind(module), views[layer.view.name])
                 self._ops[name] = self._build_operator(name)
+            elif not isinstance(self._ops[name], ShardedView) and sharded_operator(name, layer.spec) is not None:
+                self._ops[name] = self._build_operator(name)  # the model was sharded after the state was built
             op = self._ops[name]
             m, n = op.shape
             buf = self.layers[_key(name)]
+            if isinstance(op, ShardedView):
+                # Warm vectors drawn for the full operator are sliced to this rank's rows (once).
+                op.shard_buffers(buf)
             if buf.V.device != op.device or buf.V.dtype != op.dtype:
                 # The model moved (model.cuda(), model.double()): the warm vectors follow it.
                 buf.to(device=op.device, dtype=op.dtype)
@@ -677,20 +702,28 @@ class SpectralState(nn.Module):
 
     def _iterate(self, names: list[str]) -> torch.Tensor:
         """One iteration on ``names``; returns their finiteness flags (bool tensor, one per name)."""
-        products = self._products(names)
+        sharded = {n: self._ops[n] for n in names if isinstance(self._ops[n], ShardedView)}
+        plain = [n for n in names if n not in sharded]
+        flags = {}
+        if sharded:
+            # Sharded layers: one all-reduce for all of them, the update from reduced values.
+            flags.update(self._sharded.step(sharded, {n: self.layers[_key(n)] for n in sharded}))
+        products = self._products(plain)
         by_k: dict[tuple, list[str]] = {}
-        for name in names:
+        for name in plain:
             u0 = products[name][0]
             by_k.setdefault((u0.shape[1], str(u0.device), u0.dtype), []).append(name)
-        flags = {}
         for (k, _, _), members in by_k.items():
             update = self._power_update if k == 1 else self._ritz_update
             flags.update(update(members, products))
         return torch.stack([flags[n].to(self.steps.device) for n in names])
 
     def _relative_residuals(self) -> torch.Tensor:
-        tops = [(b.R[:1] / b.C[:1].clamp_min(torch.finfo(b.C.dtype).tiny)).float()
-                for b in (self.layers[_key(n)] for n in self._names)]
+        # Sharded layers keep no residual (their update runs on reduced blocks) and are
+        # never refined: an extra iteration would be an extra collective on every rank.
+        tops = [torch.zeros(1) if isinstance(self._ops[n], ShardedView) else
+                (b.R[:1] / b.C[:1].clamp_min(torch.finfo(b.C.dtype).tiny)).float()
+                for n, b in ((n, self.layers[_key(n)]) for n in self._names)]
         return torch.cat([t.to(self.steps.device) for t in tops])
 
     def _snapshot_residuals(self) -> None:
