@@ -39,6 +39,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -740,7 +741,11 @@ def write_markdown(results: dict, path: pathlib.Path, command: str, args: argpar
         "",
         *body,
     ]
-    path.write_text("\n".join(text) + "\n", encoding="utf-8")
+    # Sections written by the other findings scripts ((f), (g), the default sweep) sit between
+    # "<!-- begin KEY -->" / "<!-- end KEY -->" markers; keep them when rewriting the file.
+    kept = re.findall(r"<!-- begin [^>]+ -->.*?<!-- end [^>]+ -->", path.read_text(encoding="utf-8"), re.S) \
+        if path.is_file() else []
+    path.write_text("\n".join(text + [block + "\n" for block in kept]) + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- main
