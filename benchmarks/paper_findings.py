@@ -735,6 +735,11 @@ def write_markdown(results: dict, path: pathlib.Path, command: str, args: argpar
         "holding 99 % of ‖W‖_F². K₂: certified L2 Lipschitz bound (`bound.lipschitz_bound`). "
         f"Total training + measuring time: {seconds / 60:.1f} min.",
         "",
+        "Sections (f) compression by implicit training dynamics (`benchmarks/implicit_compression.py`), (g) a small "
+        "vision transformer (`benchmarks/vit_findings.py`) and the sweep that chooses the default penalty set "
+        "(`benchmarks/choose_default.py`) follow (a)–(e) at the end of this file, each with its own command, run time "
+        "and verdicts.",
+        "",
         *summary,
         "",
         "![architecture sweep](figures/architecture.png)",
