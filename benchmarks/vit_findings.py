@@ -209,6 +209,20 @@ def report(results: dict, seeds: list[str], command: str, epochs: int) -> str:
         lines.append(f"- **{base}** → + σ₁² (paired, {len(common)} seeds, equal rank by construction): PGD L∞ ε=0.1 "
                      f"{C.fmt(g)} (raised: {C.yes(ok_g)}), PGD L2 {C.fmt(gl2)}, ‖J‖₂ {C.fmt(gj, 2)}, clean {C.fmt(gc)} "
                      f"(≤ 1 point loss: {C.yes(ok_c)}).")
+        if results.get("dense"):
+            pmax = lambda r_: max(v["sigma1"] for n, v in r_["layers"].items() if kind_of(n))  # noqa: E731
+            s0, s1 = agg(base, pmax)[0], agg(pen, pmax)[0]
+            j0, j1 = agg(base, lambda r_: r_["jac_l2_mean"])[0], agg(pen, lambda r_: r_["jac_l2_mean"])[0]
+            dense_linf = agg("dense", lambda r_: r_["pgd_linf"])
+            pen_linf = agg(pen, lambda r_: r_["pgd_linf"])
+            back = pen_linf[0] >= dense_linf[0] - dense_linf[1]
+            verdicts.append((f"(g) {pen} is as robust as the dense transformer (PGD L∞ ε=0.1 {pen_linf[0]:.3f} vs "
+                             f"{dense_linf[0]:.3f} ± {dense_linf[1]:.3f})", back))
+            lines.append(f"  The penalty cut the largest projection σ₁ from {s0:.2f} to {s1:.2f} (×{s1 / s0:.2f}) but the "
+                         f"Jacobian gain only from {j0:.1f} to {j1:.1f} (×{j1 / j0:.2f}) — a likely reason (not "
+                         "tested here): LayerNorm divides each token by its own scale and the residual stream bypasses "
+                         f"the projections, so shrinking them does not shrink the network's gain in proportion. Back to the dense model's PGD L∞ ({C.fmt(dense_linf)}): "
+                         f"{C.yes(back)}.")
     if lines:
         out += ["### (e) on the transformer: the penalty at equal rank", "", *lines, ""]
     summary = ["### Verdicts", "", "| claim | verdict |", "|---|---|"]
