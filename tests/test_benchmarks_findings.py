@@ -46,6 +46,7 @@ def test_spectral_stats_match_float64_svdvals(m, n, seed):
     assert math.isclose(got["c_neu"], float(rows.max() / e.sum()), rel_tol=1e-9)
 
 
+@pytest.mark.filterwarnings("ignore:An input array is constant")
 @given(st.lists(st.integers(-5, 5), min_size=3, max_size=20), st.integers(0, 1000))
 def test_spearman_matches_scipy_with_ties(xs, seed):
     stats = pytest.importorskip("scipy.stats")
@@ -103,15 +104,48 @@ def test_vit_projections_are_tracked_and_factorised():
     assert z[0, 1].eq(1).all() and z[0, [0, 2, 3]].eq(0).all()
 
 
-def test_each_script_runs_one_tiny_configuration():
-    implicit = implicit_compression.run_one(
-        implicit_compression.Dyn("t", "SGD", optimizer="sgd", lr=0.05, weight_decay=5e-4, epochs=1,
-                                 penalty=1e-2, tail=1e-3, tail_k=(4, 4)), seed=0, quick=True)
-    assert 0 <= implicit["pgd_linf"] <= implicit["clean"] <= 1 and implicit["k2"] > 0
-    assert set(implicit["layers"]) == {"1", "3"}
-    job = choose_default.Job("rank 8", (("S", 1e-2), ("H", 1.0)))
-    sweep = choose_default.run_one(job, seed=0, epochs=1, quick=True)
-    assert all(v["rank99"] <= 8 for v in sweep["layers"].values())
-    vit = vit_findings.run_one(vit_findings.Spec("rank 4 + σ₁²", 4, 1e-2), seed=0, epochs=1, quick=True)
-    assert vit["jac_l2_mean"] > 0 and 0 <= vit["pgd_l2"] <= vit["clean"]
-    assert all(v["rank99"] <= 4 for n, v in vit["layers"].items() if kind_of(n))
+def test_implicit_recipe_with_plugin_trains_and_is_measured():
+    d = implicit_compression.Dyn("t", "SGD", optimizer="sgd", lr=0.05, weight_decay=5e-4, epochs=1,
+                                 penalty=1e-2, tail=1e-3, tail_k=(4, 4))
+    make = implicit_compression.penalties_for(d, 0)
+    model = implicit_compression.build(0)
+    kinds = [type(t).__name__ for t in make(model)]
+    assert kinds == ["SpectralNormPenalty", "TailEnergyPenalty", "TailEnergyPenalty"]
+    train, test = rc.digits(seed=0)
+    small = torch.utils.data.TensorDataset(*(t[:128] for t in train.tensors))
+    tiny = torch.utils.data.TensorDataset(*(t[:48] for t in test.tensors))
+    C.train(model, small, epochs=1, optimizer=d.optimizer, lr=d.lr, weight_decay=d.weight_decay, penalties=make)
+    row = C.measure(model, small, tiny, 0, pgd_steps=2, uap_epochs=1)
+    assert 0 <= row["pgd_linf"] <= row["clean"] <= 1 and row["k2"] > 0 and 0 <= row["prunable"] <= 1
+    assert set(row["layers"]) == {"1", "3"} and 0 <= row["uap"] <= 1
+    assert implicit_compression.plugin_specs({"t": {"0": row}}, d)[1].tail_k == tuple(
+        max(1, v["rank99"]) for v in row["layers"].values())
+
+
+def test_sweep_terms_share_one_state_and_train():
+    job = choose_default.Job("group lasso 0.001", (("S", 1e-2), ("H", 1.0)))
+    model = choose_default.build(job.model, 0)
+    terms = choose_default.make_terms(job, 0)(model)
+    assert [type(t).__name__ for t in terms] == ["GroupLassoPenalty", "SpectralNormPenalty", "HeadSpreadPenalty"]
+    assert len({id(t.state) for t in terms}) == 1 and terms[0].names == ["1", "3"]
+    low = choose_default.build("rank 8", 0)
+    assert all(m.rank == 8 for m in low.modules() if isinstance(m, rc.LowRankLinear))
+    assert choose_default.make_terms(choose_default.Job("rank 8", ()), 0)(low) == []
+    train, _ = rc.digits(seed=0)
+    small = torch.utils.data.TensorDataset(*(t[:128] for t in train.tensors))
+    before = model[1].weight.detach().clone()
+    C.train(model, small, epochs=1, penalties=choose_default.make_terms(job, 0))
+    assert not torch.equal(before, model[1].weight)
+
+
+def test_vit_penalised_low_rank_model_trains_and_is_measured():
+    spec = vit_findings.Spec("rank 4 + σ₁²", 4, 1e-2)
+    model = vit_findings.build(spec, 0)
+    train, test = rc.digits(seed=0)
+    small = torch.utils.data.TensorDataset(*(t[:128] for t in train.tensors))
+    tiny = torch.utils.data.TensorDataset(*(t[:32] for t in test.tensors))
+    C.train(model, small, epochs=1, penalties=vit_findings.penalties_for(spec, 0), **vit_findings.OPT)
+    row = C.measure(model, small, tiny, 0, pgd_steps=2, parts=("attacks", "spectra", "jacobian"),
+                    layers=C.weight_layers(model))
+    assert row["jac_l2_mean"] > 0 and 0 <= row["pgd_l2"] <= row["clean"] <= 1
+    assert all(v["rank99"] <= 4 for n, v in row["layers"].items() if kind_of(n))
