@@ -750,6 +750,8 @@ def write_markdown(results: dict, path: pathlib.Path, command: str, args: argpar
     # "<!-- begin KEY -->" / "<!-- end KEY -->" markers; keep them when rewriting the file.
     kept = re.findall(r"<!-- begin [^>]+ -->.*?<!-- end [^>]+ -->", path.read_text(encoding="utf-8"), re.S) \
         if path.is_file() else []
+    order = {"f": 0, "g": 1, "default": 2}
+    kept.sort(key=lambda b: order.get(b.split(" ", 3)[2], len(order)))
     path.write_text("\n".join(text + [block + "\n" for block in kept]) + "\n", encoding="utf-8")
 
 
