@@ -39,6 +39,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -734,13 +735,24 @@ def write_markdown(results: dict, path: pathlib.Path, command: str, args: argpar
         "holding 99 % of ‖W‖_F². K₂: certified L2 Lipschitz bound (`bound.lipschitz_bound`). "
         f"Total training + measuring time: {seconds / 60:.1f} min.",
         "",
+        "Sections (f) compression by implicit training dynamics (`benchmarks/implicit_compression.py`), (g) a small "
+        "vision transformer (`benchmarks/vit_findings.py`) and the sweep that chooses the default penalty set "
+        "(`benchmarks/choose_default.py`) follow (a)–(e) at the end of this file, each with its own command, run time "
+        "and verdicts.",
+        "",
         *summary,
         "",
         "![architecture sweep](figures/architecture.png)",
         "",
         *body,
     ]
-    path.write_text("\n".join(text) + "\n", encoding="utf-8")
+    # Sections written by the other findings scripts ((f), (g), the default sweep) sit between
+    # "<!-- begin KEY -->" / "<!-- end KEY -->" markers; keep them when rewriting the file.
+    kept = re.findall(r"<!-- begin [^>]+ -->.*?<!-- end [^>]+ -->", path.read_text(encoding="utf-8"), re.S) \
+        if path.is_file() else []
+    order = {"f": 0, "g": 1, "default": 2}
+    kept.sort(key=lambda b: order.get(b.split(" ", 3)[2], len(order)))
+    path.write_text("\n".join(text + [block + "\n" for block in kept]) + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- main
