@@ -211,7 +211,6 @@ def test_outputs_do_not_track_gradients():
         ([torch.randn(3, 3)], [], None, ValueError, "one vector block per weight"),
         ([torch.randn(3)], [torch.randn(3, 1)], None, ValueError, r"weights\[0\] to be a non-empty 2-D"),
         ([torch.randn(3, 3).double()], [torch.randn(3, 1)], None, TypeError, "float32, bfloat16 or float16"),
-        ([torch.randn(3, 4).T], [torch.randn(3, 1)], None, ValueError, "contiguous"),
         ([torch.randn(3, 3)], [torch.randn(4, 1)], None, ValueError, r"vs\[0\] of shape \(3, k\)"),
         ([torch.randn(3, 40)], [torch.randn(40, 33)], None, ValueError, "k <= 32"),
         ([torch.randn(3, 3)], [torch.randn(3, 1).double()], None, TypeError, r"vs\[0\] to have dtype float32"),
@@ -224,6 +223,23 @@ def test_invalid_arguments_raise(weights, vs, scales, exc, match):
     for fn in (fused_power_step, power_step_reference):
         with pytest.raises(exc, match=match):
             fn(weights, vs, scales)
+
+
+@pytest.mark.parametrize(
+    "addends, exc, match",
+    [
+        (torch.zeros(3, 2), TypeError, "u_addends to be None or a sequence"),
+        ([None, None], ValueError, "one entry of u_addends"),
+        (["x"], TypeError, r"u_addends\[0\] to be None or a torch.Tensor"),
+        ([torch.zeros(2, 2)], ValueError, r"u_addends\[0\] to be a contiguous float32 \(3, 2\)"),
+        ([torch.zeros(3, 2).double()], ValueError, "dtype=torch.float64"),
+        ([torch.zeros(2, 3).T], ValueError, "strides"),
+    ],
+)
+def test_invalid_addends_raise(addends, exc, match):
+    for fn in (fused_power_step, power_step_reference):
+        with pytest.raises(exc, match=match):
+            fn([torch.randn(3, 4)], [torch.randn(4, 2)], None, addends)
 
 
 def test_constructor_checks_and_device_probe():
@@ -267,3 +283,266 @@ def test_spectral_state_triton_backend_matches_torch_backend(k):
         torch.testing.assert_close(fused.sigmas(name), plain.sigmas(name), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fused.vectors(name)[1].abs(), plain.vectors(name)[1].abs(), rtol=1e-4, atol=1e-5)
     assert fused.folded_bn("0") is model[1]
+
+
+# ---------------------------------------------------------------- strided views of one stored weight
+
+
+def _view(stored, kind):
+    """A strided view of ``stored`` (never a copy) as the registry's descriptors make them."""
+    m, n = stored.shape
+    if kind == "transposed":  # transformers' Conv1D, LoRA fan_in_fan_out
+        return stored.T
+    if kind == "cols":  # an attention head's columns of W_O
+        return stored[:, n // 3: n // 3 + max(1, n // 2)]
+    if kind == "rows_cols":
+        return stored[m // 4: m // 4 + max(1, m // 2), n // 3: n // 3 + max(1, n // 2)]
+    if kind == "transposed_rows":  # GPT-2's packed c_attn: rows of Wᵀ are a column block of W
+        return stored.T[n // 3: n // 3 + max(1, n // 3)]
+    if kind == "stepped":  # neither stride is 1: the general-strides launch
+        return stored[::2, ::3]
+    return stored
+
+
+VIEW_KINDS = ["transposed", "cols", "rows_cols", "transposed_rows", "stepped"]
+
+
+def _f64_with_addends(weights, vs, scales, addends):
+    us, ys = [], []
+    for w, v, s, x in zip(weights, vs, scales, addends):
+        a = w.double()
+        u = a @ v.double()
+        if x is not None:
+            u = u + x.double()
+        if s is not None:
+            u = s.double()[:, None] * u
+            ys.append(a.T @ (s.double()[:, None] * u))
+        else:
+            ys.append(a.T @ u)
+        us.append(u)
+    return us, ys
+
+
+@given(
+    stored=st.tuples(st.integers(1, 37), st.integers(1, 37)),
+    kinds=st.lists(st.sampled_from(VIEW_KINDS), min_size=1, max_size=3),
+    k=st.sampled_from([1, 3, 16]),
+    dtype=st.sampled_from(DTYPES),
+    scaled=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_strided_views_read_in_place_match_float64(stored, kinds, k, dtype, scaled, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*stored, generator=g).to(dtype)
+    weights = [_view(w, kind) for kind in kinds]
+    assert all(x.untyped_storage().data_ptr() == w.untyped_storage().data_ptr() for x in weights)
+    vs = [torch.randn(x.shape[1], k, generator=g) for x in weights]
+    scales = [torch.rand(x.shape[0], generator=g) * 2 - 0.5 if scaled else None for x in weights]
+    us, ys = fused_power_step(weights, vs, scales)
+    _assert_matches_f64(weights, vs, scales, us, ys)
+    ur, yr = power_step_reference(weights, vs, scales)
+    for a, b in zip(us + ys, ur + yr):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()) + 1e-30)
+
+
+@pytest.mark.parametrize("k", [1, 3, 16])
+def test_strided_edge_shapes_in_one_call(k):
+    # 1×n and n×1 as transposed views, a transposed view with 16-byte aligned
+    # stored rows (the hinted column-major launch), taller than one tile, and
+    # column slices; every dtype, with and without row scales.
+    g = torch.Generator().manual_seed(k)
+    stored = [torch.randn(37, 1, generator=g), torch.randn(1, 29, generator=g).to(torch.bfloat16),
+              torch.randn(80, 67, generator=g).to(torch.float16), torch.randn(33, 48, generator=g),
+              torch.randn(9, 40, generator=g).to(torch.bfloat16)]
+    weights = [stored[0].T, stored[1].T, stored[2].T, stored[3].T[5:], stored[4][:, 8:24]]
+    vs = [torch.randn(x.shape[1], k, generator=g) for x in weights]
+    scales = [torch.rand(x.shape[0], generator=g) + 0.5 if i % 2 else None for i, x in enumerate(weights)]
+    us, ys = fused_power_step(weights, vs, scales)
+    _assert_matches_f64(weights, vs, scales, us, ys)
+
+
+def test_u_addends_give_the_whole_operator():
+    # With X = s·B(A V), U is (W + s·B·A) V and Y + s·Aᵀ(Bᵀ U) is (W + s·B·A)ᵀ U: the LoRA split.
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(19, 13, generator=g)
+    a, b, sc = torch.randn(2, 19, generator=g), torch.randn(13, 2, generator=g), 0.7
+    op = w.T  # a fan_in_fan_out base: the operator is Wᵀ
+    v = torch.randn(19, 3, generator=g)
+    x = sc * (b @ (a @ v))
+    us, ys = fused_power_step([op], [v], None, [x])
+    full = op.double() + sc * (b.double() @ a.double())
+    u_ref = full @ v.double()
+    torch.testing.assert_close(us[0].double(), u_ref, rtol=1e-5, atol=1e-5)
+    y = ys[0].double() + sc * (a.double().T @ (b.double().T @ us[0].double()))
+    torch.testing.assert_close(y, full.T @ u_ref, rtol=1e-5, atol=1e-4)
+    s = torch.rand(13, generator=g) + 0.5
+    us, ys = fused_power_step([op], [v], [s], [x])
+    ur, yr = _f64_with_addends([op], [v], [s], [x])
+    torch.testing.assert_close(us[0].double(), ur[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ys[0].double(), yr[0], rtol=1e-5, atol=1e-4)
+
+
+def test_strided_views_deterministic_run_to_run():
+    w = torch.randn(45, 70).to(torch.bfloat16)
+    weights = [w.T, w[:, 10:47], w[::2, ::3]]
+    vs = [torch.randn(x.shape[1], 3) for x in weights]
+    step = FusedPowerStep()
+    a = step(weights, vs)
+    b = step(weights, vs)
+    for x, y in zip(a[0] + a[1], b[0] + b[1]):
+        assert torch.equal(x, y)
+
+
+def test_pointer_table_rebuilds_on_stride_shape_or_offset_change():
+    step = FusedPowerStep()
+    w = torch.randn(12, 12)
+    v = torch.randn(12, 2)
+    step([w], [v])
+    assert step.builds == 1
+    # Same address and shape, other strides: Wᵀ must not be read as W.
+    us, ys = step([w.T], [v])
+    assert step.builds == 2
+    _assert_matches_f64([w.T], [v], [None], us, ys)
+    # A column slice at another offset (another head) and of another width.
+    v4 = torch.randn(4, 2)
+    for expected, view in enumerate([w[:, 0:4], w[:, 4:8], w[:, 4:8]], start=3):
+        us, ys = step([view], [v4])
+        assert step.builds == min(expected, 4)  # the repeated view reuses the table
+        _assert_matches_f64([view], [v4], [None], us, ys)
+    us, ys = step([w[:, 4:9]], [torch.randn(5, 2)])
+    assert step.builds == 5
+    x = torch.randn(12, 2)
+    step([w.T], [v], None, [x])
+    step([w.T], [v], None, [x])
+    assert step.builds == 6  # an addend is part of the table; the same one reuses it
+
+
+# ---------------------------------------------------------------- FusedBackend on every view kind
+
+
+def _backend_matches(ops, k=2, seed=0, dtype=torch.float32):
+    """FusedBackend computes every operator, equal to the torch back-end and to float64 of the dense operator."""
+    from robustcompress.spectral.backends import FusedBackend, TorchBackend
+
+    g = torch.Generator().manual_seed(seed)
+    vs = {n: torch.randn(op.shape[1], k, generator=g, dtype=dtype) for n, op in ops.items()}
+    fused = FusedBackend(strict=True)
+    got = fused.products(ops, vs)
+    assert set(got) == set(ops), f"left to torch: {set(ops) - set(got)}"
+    ref = TorchBackend().products(ops, vs)
+    for n, op in ops.items():
+        with torch.no_grad():
+            a = op.matrix().double()
+        u64 = a @ vs[n].double()
+        y64 = a.T @ u64
+        (u0, y), (ur, yr) = got[n], ref[n]
+        assert u0.dtype == y.dtype == vs[n].dtype and u0.shape == ur.shape and y.shape == yr.shape
+        for x, r, e in ((u0, ur, u64), (y, yr, y64)):
+            scale = float(e.abs().max()) + 1e-30
+            assert float((x.double() - e).abs().max()) <= 1e-5 * scale, n
+            assert float((x.double() - r.double()).abs().max()) <= 1e-5 * scale, n
+    return fused
+
+
+def test_fused_backend_matrix_views_of_every_layout():
+    from torch import nn
+
+    from robustcompress.layers import MatrixSpec
+    from robustcompress.spectral.views import MatrixView
+
+    torch.manual_seed(0)
+    w = torch.randn(24, 18)
+    s = torch.rand(24) + 0.5
+    s6 = torch.rand(6) + 0.5
+    conv = nn.Conv2d(4, 6, 3, groups=2)
+    ops = {
+        "plain": MatrixView(MatrixSpec(lambda: w)),
+        "transposed": MatrixView(MatrixSpec(lambda: w, transpose=True)),
+        "head_cols": MatrixView(MatrixSpec(lambda: w, cols=slice(6, 12))),
+        "rows_cols": MatrixView(MatrixSpec(lambda: w, rows=slice(8, 16), cols=slice(6, 12))),
+        "transposed_rows": MatrixView(MatrixSpec(lambda: w, transpose=True, rows=slice(6, 12))),
+        "scaled": MatrixView(MatrixSpec(lambda: w, row_scale=lambda: s)),
+        "grouped": MatrixView(MatrixSpec(lambda: conv.weight, groups=2, row_scale=lambda: s6)),
+        "bf16_T": MatrixView(MatrixSpec(lambda: w.to(torch.bfloat16), transpose=True)),
+    }
+    _backend_matches(ops)
+    # What the kernel cannot read is left to the next back-end, even when strict.
+    from robustcompress.spectral.backends import FusedBackend
+    from robustcompress.spectral.views import LowRankView
+
+    rest = {"f64": MatrixView(MatrixSpec(lambda: w.double())), "lowrank": LowRankView(w[:3], w[:5, :3].T.T),
+            "depthwise": MatrixView(MatrixSpec(lambda: nn.Conv2d(32, 32, 3, groups=32).weight, groups=32))}
+    vs = {n: torch.randn(op.shape[1], 1, dtype=op.dtype) for n, op in rest.items()}
+    assert FusedBackend(strict=True).products({**rest, "plain": ops["plain"]}, {**vs, "plain": torch.randn(18, 1)}
+                                              ).keys() == {"plain"}
+    assert FusedBackend(strict=False).products(ops, {n: torch.randn(op.shape[1], 1) for n, op in ops.items()}) == {}
+    with pytest.raises(RuntimeError, match="no layer is one the kernel runs"):
+        FusedBackend(strict=True).products(rest, vs)
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=8,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _ops_of(model):
+    from robustcompress.layers import find_layers
+    from robustcompress.spectral.views import operator_from_spec
+
+    return {layer.name: operator_from_spec(layer.view.spec) for layer in find_layers(model).layers}
+
+
+def test_fused_backend_gpt2_conv1d_and_packed_c_attn():
+    model = _tiny_gpt2()
+    ops = _ops_of(model)
+    c_attn = model.transformer.h[0].attn.c_attn.weight
+    q = ops["transformer.h.0.attn.c_attn.q"]
+    # Conv1D stores in × out: the operator's rows are a column block of the stored weight, read in place.
+    assert q.spec.matrix().data_ptr() == c_attn.data_ptr() and q.spec.matrix().stride() == (1, c_attn.shape[1])
+    assert {"transformer.h.0.attn.c_attn.k", "transformer.h.0.attn.c_attn.v", "transformer.h.0.mlp.c_fc"} <= ops.keys()
+    _backend_matches(ops, k=3)
+
+
+def _tiny_gpt2_lora():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_tiny_gpt2(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"],
+                                                              fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)  # B starts at zero: make the adapter term count
+    return model
+
+
+def test_fused_backend_lora_views_match_torch_and_merged_weight():
+    from robustcompress.spectral.views import LoRAView
+
+    model = _tiny_gpt2_lora()
+    ops = _ops_of(model)
+    lora = [n for n, op in ops.items() if isinstance(op, LoRAView)]
+    assert len(lora) >= 4  # c_attn's q, k, v and both c_proj
+    _backend_matches(ops, k=2, seed=1)
+    # The operator is the merged weight, in the operator's orientation (Conv1D: Wᵀ).
+    merged = {n: op.matrix().detach().clone() for n, op in ops.items() if n in lora}
+    proj = "base_model.model.transformer.h.0.attn.c_proj"
+    assert proj in merged
+    dense = model.merge_and_unload().transformer.h[0].attn.c_proj.weight.detach()
+    torch.testing.assert_close(merged[proj], dense.T, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:SpectralState leaves out")
+@pytest.mark.parametrize("lora", [False, True])
+def test_spectral_state_triton_matches_torch_on_gpt2(lora):
+    from robustcompress.spectral import SpectralState
+
+    model = _tiny_gpt2_lora() if lora else _tiny_gpt2()
+    fused = SpectralState(model, k=2, backend="triton", init_iter=0)
+    plain = SpectralState(model, k=2, backend="torch", init_iter=0)
+    fused.step(3)
+    plain.step(3)
+    assert len(plain.names) >= 6
+    for name in plain.names:
+        torch.testing.assert_close(fused.sigmas(name), plain.sigmas(name), rtol=1e-5, atol=1e-6)

@@ -10,7 +10,8 @@ always comes last.
   into one ``bmm`` where that pays, the rest multiplied in place);
 * :class:`FusedBackend` — the fused Triton kernel of
   :mod:`robustcompress.kernels` (one read of each weight per iteration) for
-  ungrouped matrix views.
+  matrix views (plain, transposed, sliced, grouped: strided views of the one
+  stored weight, read in place) and LoRA views.
 
 Example:
     >>> import torch
@@ -25,9 +26,8 @@ Example:
 from __future__ import annotations
 
 import torch
-from einops import rearrange
 
-from .views import LinearOperator, MatrixView
+from .views import LinearOperator, LoRAView, MatrixView
 
 __all__ = ["ProductBackend", "TorchBackend", "FusedBackend", "BATCH_MAX_NUMEL", "ONE_READ_MIN_NUMEL"]
 
@@ -147,8 +147,28 @@ def _blocked_products(op: MatrixView, v: torch.Tensor) -> tuple[torch.Tensor, to
     return u0, y
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# A grouped view is one kernel layer per group; beyond this many groups
+# (depthwise convolutions) the per-layer host work outweighs the launch saved,
+# and the torch back-end's one batched product over the groups is left to run it.
+_MAX_KERNEL_GROUPS = 16
+
+
 class FusedBackend(ProductBackend):
-    """The fused Triton kernel for ungrouped, row-major matrix views with float32/bfloat16/float16 weights.
+    """The fused Triton kernel for matrix views and LoRA views with float32/bfloat16/float16 weights.
+
+    Every :class:`MatrixView` is a strided view of its one stored weight
+    (plain, transposed like transformers' ``Conv1D``, row- or column-sliced
+    like packed Q/K/V and attention heads), which the kernel reads in place
+    through its pointer table; a grouped view is one kernel layer per group
+    (block ``j`` of ``M`` against rows ``j`` of ``V``; views with more than
+    16 groups, e.g. depthwise convolutions, are left to the torch back-end). A :class:`LoRAView`
+    ``op(W₀) + s·B·A`` runs ``op(W₀)`` through the kernel with the addend
+    ``X = s·B(A V)`` (so ``U`` is the whole operator's product while ``W₀`` is
+    read once), then adds ``s·Aᵀ(Bᵀ U)`` to ``Y`` in torch (``r ≪ m, n``).
+    Other operators (low-rank products, convolution operators, float64
+    weights) are left to the next back-end.
 
     Args:
         strict: raise when the kernel cannot run (``backend="triton"``) instead
@@ -159,21 +179,38 @@ class FusedBackend(ProductBackend):
     def __init__(self, strict: bool = False) -> None:
         self.strict = strict
         # Caches the kernel's pointer table, rebuilt only when a weight's
-        # address, shape or dtype changes; created on first use.
+        # address, shape, strides or dtype changes; created on first use.
         self._kernel = None
-        self._scales: dict[str, torch.Tensor] = {}
+        # Persistent fp32 buffers (row scales, LoRA addends), refreshed in place
+        # so the table's addresses stay the same from step to step.
+        self._buffers: dict[tuple[str, str], torch.Tensor] = {}
+
+    def _eligible(self, op: LinearOperator) -> bool:
+        if isinstance(op, MatrixView):
+            if op.groups > _MAX_KERNEL_GROUPS:
+                return False
+            weight = op.spec.weight()
+        elif isinstance(op, LoRAView):
+            weight = op.spec.base.weight()
+            if op.spec.base.groups != 1 or op.spec.base.row_scale is not None:
+                return False
+        else:
+            return False
+        return weight.dtype in _KERNEL_DTYPES and (op.device.type == "cuda" or self.strict)
+
+    def _buffer(self, key: tuple[str, str], fresh: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != fresh.shape or buf.device != fresh.device:
+            buf = self._buffers[key] = fresh.detach().to(torch.float32).contiguous().clone()
+        else:
+            buf.copy_(fresh)
+        return buf
 
     def products(self, ops: dict[str, LinearOperator], vs: dict[str, torch.Tensor]) -> Products:
-        # The kernel reads row-major matrices through a pointer and a shape: plain
-        # weights and row slices of them (packed Q/K/V, gates) qualify; transposed
-        # or column-sliced views go to the next back-end.
-        eligible = [n for n, op in ops.items() if isinstance(op, MatrixView) and op.groups == 1
-                    and op.weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                    and (op.device.type == "cuda" or self.strict)
-                    and rearrange(op.weight, "o i ... -> o (i ...)").is_contiguous()]
+        eligible = [n for n, op in ops.items() if self._eligible(op)]
         if not eligible:
             if self.strict:
-                raise RuntimeError("backend='triton' but no layer is one the kernel runs: an ungrouped matrix view "
+                raise RuntimeError("backend='triton' but no layer is one the kernel runs: a matrix view or LoRA view "
                                    "with float32, bfloat16 or float16 weights")
             return {}
         from .. import kernels
@@ -186,21 +223,51 @@ class FusedBackend(ProductBackend):
             return {}
         if self._kernel is None:
             self._kernel = kernels.FusedPowerStep()
-        chosen = [ops[n] for n in eligible]
-        weights = [rearrange(op.weight, "o i ... -> o (i ...)") for op in chosen]
-        scales = []
-        for name, op in zip(eligible, chosen):
-            if op.row_scale is None:
+        weights, v_in, scales, addends = [], [], [], []
+        parts: dict[str, list[int]] = {}  # name -> indices of its kernel layers
+        lora_factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        for name in eligible:
+            op, v = ops[name], vs[name]
+            v32 = v if v.dtype == torch.float32 else self._buffer((name, "v"), v)
+            if isinstance(op, LoRAView):
+                sp = op.spec
+                a, b = sp.a.matrix().detach().float(), sp.b.matrix().detach().float()
+                lora_factors[name] = (a, b, sp.scale)
+                parts[name] = [len(weights)]
+                weights.append(sp.base.matrix().detach())
+                v_in.append(v32)
                 scales.append(None)
+                addends.append(self._buffer((name, "x"), sp.scale * (b @ (a @ v32))))
                 continue
-            # Persistent fp32 buffers, refreshed in place, keep the table's addresses stable.
-            fresh = op.row_scale().detach().float()
-            buf = self._scales.get(name)
-            if buf is None or buf.shape != fresh.shape or buf.device != fresh.device:
-                buf = self._scales[name] = fresh.clone()
+            spec = op.spec
+            s = None if op.row_scale is None else self._buffer((name, "s"), op.row_scale())
+            if op.groups == 1:
+                parts[name] = [len(weights)]
+                weights.append(spec.matrix().detach())
+                v_in.append(v32)
+                scales.append(s)
+                addends.append(None)
+                continue
+            # Block diagonal: group j's rows of M times V's rows of group j.
+            blocks = spec.blocks().detach()
+            g, mg, ng = blocks.shape
+            parts[name] = list(range(len(weights), len(weights) + g))
+            for j in range(g):
+                weights.append(blocks[j])
+                v_in.append(v32[j * ng:(j + 1) * ng])
+                scales.append(None if s is None else s[j * mg:(j + 1) * mg])
+                addends.append(None)
+        us, ys = self._kernel(weights, v_in, scales, addends)
+        out: Products = {}
+        for name in eligible:
+            idx = parts[name]
+            if len(idx) == 1:
+                u0, y = us[idx[0]], ys[idx[0]]
             else:
-                buf.copy_(fresh)
-            scales.append(buf)
-        v_in = [vs[n] if vs[n].dtype == torch.float32 else vs[n].float() for n in eligible]
-        us, ys = self._kernel(weights, v_in, scales)
-        return {n: (u0.to(vs[n].dtype), y.to(vs[n].dtype)) for n, u0, y in zip(eligible, us, ys)}
+                u0, y = torch.cat([us[i] for i in idx]), torch.cat([ys[i] for i in idx])
+            if name in lora_factors:
+                a, b, scale = lora_factors[name]
+                y = y + scale * (a.T @ (b.T @ u0))
+            dtype = vs[name].dtype
+            out[name] = (u0.to(dtype), y.to(dtype))
+        return out
