@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
@@ -556,15 +557,20 @@ class SpectralState(nn.Module):
         """``σ₁ ≈ uᵀ W v`` with ``u, v`` detached: differentiable, gradient ``u vᵀ``.
 
         Always ≤ the true σ₁ (for unit u, v); equal at convergence.
+
+        Raises:
+            ValueError: the layer left the model or changed shape since the state was built.
         """
         b = self._buf(name)
+        self._check_layer(self.aliases.get(name, name))
         op = self._ops[self.aliases.get(name, name)]
         u, v = b.U[:, :1].detach(), b.V[:, :1].detach()
         return (u * op.matvec(v)).sum()
 
     def top_sigmas(self, name: str) -> torch.Tensor:
-        """Differentiable ``σ_j ≈ u_jᵀ W v_j`` for all k tracked directions."""
+        """Differentiable ``σ_j ≈ u_jᵀ W v_j`` for all k tracked directions (checked as :meth:`sigma`)."""
         b = self._buf(name)
+        self._check_layer(self.aliases.get(name, name))
         op = self._ops[self.aliases.get(name, name)]
         return (b.U.detach() * op.matvec(b.V.detach())).sum(0)
 
@@ -576,41 +582,137 @@ class SpectralState(nn.Module):
     # ------------------------------------------------------------------ iteration
     def _check_shapes(self) -> None:
         for name in self._names:
-            layer = self._layers[name]
-            try:
-                module = self._model.get_submodule(layer.module_name)
-            except AttributeError:
-                raise ValueError(f"Layer {name!r} is no longer in the model; build a new SpectralState") from None
-            if module is not layer.module:
-                # The module was replaced (e.g. by pruning): describe the new one with the same view.
-                views = {v.name: v for v in layer_views(module, self.options)}
-                if layer.view.name not in views:
-                    raise ValueError(f"Layer {name!r} was replaced by a {type(module).__name__} without the operator "
-                                     f"{layer.view.name or 'of the old layer'}; build a new SpectralState")
-                self._layers[name] = Layer(name, layer.module_name, module, layer_kind(module), views[layer.view.name])
-                self._ops[name] = self._build_operator(name)
-            op = self._ops[name]
-            m, n = op.shape
-            buf = self.layers[_key(name)]
-            if buf.V.device != op.device or buf.V.dtype != op.dtype:
-                # The model moved (model.cuda(), model.double()): the warm vectors follow it.
-                buf.to(device=op.device, dtype=op.dtype)
-            if buf.U.shape[0] != m or buf.V.shape[0] != n:
-                raise ValueError(
-                    f"Layer {name!r} changed shape since the SpectralState was built: operator was "
-                    f"{buf.U.shape[0]}×{buf.V.shape[0]}, now {m}×{n}. Build a new SpectralState.")
+            self._check_layer(name)
 
-    def _products(self, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``U₀ = W V`` and ``Y = Wᵀ U₀`` for every layer, each back-end taking the layers it computes."""
+    def _check_layer(self, name: str) -> None:
+        """The layer is still in the model, with the shape its vectors have (replaced modules re-described)."""
+        layer = self._layers[name]
+        try:
+            module = self._model.get_submodule(layer.module_name)
+        except AttributeError:
+            raise ValueError(f"Layer {name!r} is no longer in the model; build a new SpectralState") from None
+        if module is not layer.module:
+            # The module was replaced (e.g. by pruning): describe the new one with the same view.
+            views = {v.name: v for v in layer_views(module, self.options)}
+            if layer.view.name not in views:
+                raise ValueError(f"Layer {name!r} was replaced by a {type(module).__name__} without the operator "
+                                 f"{layer.view.name or 'of the old layer'}; build a new SpectralState")
+            self._layers[name] = Layer(name, layer.module_name, module, layer_kind(module), views[layer.view.name])
+            self._ops[name] = self._build_operator(name)
+        op = self._ops[name]
+        m, n = op.shape
+        buf = self.layers[_key(name)]
+        if buf.V.device != op.device or buf.V.dtype != op.dtype:
+            # The model moved (model.cuda(), model.double()): the warm vectors follow it.
+            buf.to(device=op.device, dtype=op.dtype)
+        if buf.U.shape[0] != m or buf.V.shape[0] != n:
+            raise ValueError(
+                f"Layer {name!r} changed shape since the SpectralState was built: operator was "
+                f"{buf.U.shape[0]}×{buf.V.shape[0]}, now {m}×{n}. Build a new SpectralState.")
+
+    def _products(self, names: list[str], scales: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``U₀ = (W/c) V`` and ``Y = (W/c)ᵀ U₀`` for every layer, each back-end taking the layers it computes.
+
+        The products are those of the operator divided by its scale ``c``
+        (:meth:`_scales`): the back-ends multiply ``V/c`` and ``Y`` is divided
+        by ``c`` once more, so no intermediate holds ``σ²`` of the raw weights.
+        """
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         rest = {n: self._ops[n] for n in names}
+        cs = [scales[n] for n in names]
+        vs = dict(zip(names, torch._foreach_div([self.layers[_key(n)].V for n in names], cs)))
         for backend in self._backends:
             if not rest:
                 break
-            done = backend.products(rest, {n: self.layers[_key(n)].V for n in rest})
+            done = backend.products(rest, {n: vs[n] for n in rest})
             out.update(done)
             rest = {n: op for n, op in rest.items() if n not in done}
-        return out
+        ys = torch._foreach_div([out[n][1] for n in names], cs)
+        return {n: (out[n][0], y) for n, y in zip(names, ys)}
+
+    def _scales(self, names: list[str], ref: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per layer a power of two ``c ≈ σ₁`` the iteration divides the operator by.
+
+        Weights of any finite magnitude then give products of order one: the
+        raw ``Y = WᵀW V`` of weights of order 1e30 overflows float32 (1e60) and
+        that of weights of order 1e-20 is subnormal (1e-40), which stalls the
+        iteration. ``c`` is the last estimate ``σ₁`` rounded up to a power of
+        two (so dividing and multiplying back are exact), or that of ``ref``
+        (one value per layer, e.g. the largest entry of ``W V``); 1 where
+        neither is a positive finite number. Computed on the device, without
+        a host synchronisation.
+        """
+        bufs = [self.layers[_key(n)] for n in names]
+        if ref is None:
+            ref = torch.stack([b.S[0] for b in bufs])
+        ref = ref if ref.dtype == torch.float64 else ref.float()
+        info = torch.finfo(bufs[0].S.dtype)
+        e = torch.frexp(ref).exponent.clamp(math.ceil(math.log2(info.tiny)) + 1, math.floor(math.log2(info.max)) - 1)
+        c = torch.where(torch.isfinite(ref) & (ref > 0), torch.ldexp(torch.ones_like(ref), e), torch.ones_like(ref))
+        return {n: ci.to(b.S.dtype) for n, b, ci in zip(names, bufs, c.unbind(0))}
+
+    def _iterate(self, names: list[str], scales: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """One iteration on ``names`` (on ``W/c``, scaled back); returns their finiteness flags (one bool per name)."""
+        if scales is None:
+            scales = self._scales(names)
+        products = self._products(names, scales)
+        # The updates see the scaled operator: its estimates (and any other
+        # per-layer values the buffers keep besides U, V) are divided by c
+        # before and multiplied back after — exactly, c being a power of two.
+        values, per_value = [], []
+        for n in names:
+            for key, t in self.layers[_key(n)].named_buffers():
+                if key not in ("U", "V"):
+                    values.append(t)
+                    per_value.append(scales[n])
+        torch._foreach_div_(values, per_value)
+        by_k: dict[tuple, list[str]] = {}
+        for name in names:
+            u0 = products[name][0]
+            by_k.setdefault((u0.shape[1], str(u0.device), u0.dtype), []).append(name)
+        flags = {}
+        for (k, _, _), members in by_k.items():
+            update = self._power_update if k == 1 else self._ritz_update
+            flags.update(update(members, products))
+        torch._foreach_mul_(values, per_value)
+        return torch.stack([flags[n].to(self.steps.device) for n in names])
+
+    def _rescue(self, names: list[str], n_iter: int) -> list[str]:
+        """Rerun, at a probed scale, layers whose products were non-finite or whose estimate is 0.
+
+        A scale taken from a stale estimate (the weights grew or shrank by
+        orders of magnitude since, or there is no estimate yet) can make the
+        products overflow or underflow; finite weights are then not to blame.
+        Layers whose probe ``W V`` is 0 (zero weights) are left as they are.
+
+        Returns:
+            The layers whose weights hold NaN/Inf.
+
+        Raises:
+            ValueError: finite weights whose products are not representable
+                even at the probed scale, naming the layers and their dtype.
+        """
+        finite = [n for n in names if all(bool(torch.isfinite(t).all()) for t in self.operator_tensors(n))]
+        redo, probes = [], []
+        for n in finite:
+            # The largest entry of W V: no squares, so representable whenever the weights are.
+            p = self._ops[n].matvec(self.layers[_key(n)].V).abs().amax()
+            if not float(p) == 0:
+                redo.append(n)
+                probes.append(p.to(self.steps.device, torch.float64))
+        if redo:
+            scales = self._scales(redo, torch.stack(probes))
+            ok = torch.ones(len(redo), dtype=torch.bool, device=self.steps.device)
+            for _ in range(n_iter):
+                ok &= self._iterate(redo, scales)
+                scales = self._scales(redo)
+            lost = [n for n, good in zip(redo, ok.tolist()) if not good]
+            if lost:
+                dtypes = sorted({str(self._ops[n].dtype) for n in lost})
+                raise ValueError(f"The weights of layer(s) {lost} are finite but out of the range the spectral "
+                                 f"state can represent in {', '.join(dtypes)} (their products overflow even "
+                                 "after scaling); rescale the weights or use float64")
+        return [n for n in names if n not in finite]
 
     @torch.no_grad()
     def step(self, n_iter: int = 1) -> None:
@@ -621,27 +723,33 @@ class SpectralState(nn.Module):
         list-wide update; k > 1: CholeskyQR2's QR fallback), and the check
         that raises or warns once per call.
 
+        Each layer is iterated as ``W/c`` with ``c`` a power of two near its
+        last ``σ₁`` estimate, so finite weights of any magnitude (1e30 or
+        1e-20 in float32) neither overflow nor stall; a layer whose products
+        still come out non-finite (or its estimate 0) with finite weights is
+        rerun at a scale probed from ``W V`` — weights are blamed only when
+        they do hold NaN/Inf.
+
         Raises:
-            ValueError: a weight holds NaN/Inf (``on_nonfinite="raise"``), or a
-                layer's shape changed since the state was built.
+            ValueError: a weight holds NaN/Inf (``on_nonfinite="raise"``), a
+                layer's finite weights are beyond what its dtype can iterate, or a
+                layer's shape changed (or it left the model) since the state was built.
         """
         positive_int(n_iter, "n_iter")
         self._check_shapes()
         finite_flags: list[torch.Tensor] = []
         for _ in range(n_iter):
-            products = self._products(self._names)
-            by_k: dict[tuple, list[str]] = {}
-            for name in self._names:
-                u0 = products[name][0]
-                by_k.setdefault((u0.shape[1], str(u0.device), u0.dtype), []).append(name)
-            flags = {}
-            for (k, _, _), members in by_k.items():
-                update = self._power_update if k == 1 else self._ritz_update
-                flags.update(update(members, products))
-            finite_flags.append(torch.stack([flags[n].to(self.steps.device) for n in self._names]))
+            finite_flags.append(self._iterate(self._names))
             self.steps += 1
-        ok = torch.stack(finite_flags).all(0).tolist()
+        ok_t = torch.stack(finite_flags).all(0)
+        s0 = torch.stack([self.layers[_key(n)].S[0].to(ok_t.device) for n in self._names])
+        ok, known = torch.stack([ok_t, s0 > 0]).tolist()
         bad = [n for n, good in zip(self._names, ok) if not good]
+        unknown = [n for n, good, has in zip(self._names, ok, known) if good and not has]
+        if bad or unknown:
+            # Finite weights whose products overflowed or underflowed at the
+            # last estimate's scale are rerun at a probed scale, not blamed.
+            bad = [n for n in self._rescue(bad + unknown, n_iter) if n in bad]
         if bad:
             msg = (f"Non-finite values (NaN/Inf) in the weights of layer(s) {bad}; "
                    "their spectral state was left unchanged")
@@ -663,9 +771,10 @@ class SpectralState(nn.Module):
         # microseconds, not a dozen small-tensor calls.
         s = torch.stack(torch._foreach_norm(u0s))
         yn = torch.stack(torch._foreach_norm(ys))
-        tiny = torch.finfo(s.dtype).tiny
         ok = torch.isfinite(s) & torch.isfinite(yn)
-        live = ok & (s > tiny) & (yn > tiny)
+        # The products are of W/c (c ≈ σ₁, see _scales), so s and yn are of
+        # order one; 0 means a zero operator (or an underflow the scale fixes).
+        live = ok & (s > 0) & (yn > 0)
         if bool(live.all()):
             norms = torch.cat([s, yn]).tolist()
             torch._foreach_copy_([b.U for b in bufs], torch._foreach_div(u0s, norms[: len(bufs)]))
@@ -673,12 +782,13 @@ class SpectralState(nn.Module):
             torch._foreach_copy_([b.S for b in bufs], list((yn / s).reshape(-1, 1).unbind(0)))
             return dict(zip(members, ok.unbind(0)))
         flags = {}
+        s_safe, yn_safe = torch.where(live, s, torch.ones_like(s)), torch.where(live, yn, torch.ones_like(yn))
         for i, (name, buf) in enumerate(zip(members, bufs)):
             # σ = 0 (a zero matrix) has no singular vectors, and non-finite
             # weights none worth keeping: keep the previous ones.
-            buf.U.copy_(torch.where(live[i], u0s[i] / s[i].clamp_min(tiny), buf.U))
-            buf.V.copy_(torch.where(live[i], ys[i] / yn[i].clamp_min(tiny), buf.V))
-            buf.S.copy_(torch.where(live[i], yn[i] / s[i].clamp_min(tiny), torch.where(ok[i], s[i], buf.S[0])).reshape(1))
+            buf.U.copy_(torch.where(live[i], u0s[i] / s_safe[i], buf.U))
+            buf.V.copy_(torch.where(live[i], ys[i] / yn_safe[i], buf.V))
+            buf.S.copy_(torch.where(live[i], yn[i] / s_safe[i], torch.where(ok[i], s[i], buf.S[0])).reshape(1))
             flags[name] = ok[i]
         return flags
 
@@ -707,6 +817,38 @@ class SpectralState(nn.Module):
             buf.V.copy_(torch.where(ok, v_new, buf.V))
             buf.S.copy_(torch.where(ok, s, buf.S))
         return flags
+
+    # ------------------------------------------------------------------ saving and loading
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # Checked before any buffer of this state is copied: a NaN in a saved
+        # vector would otherwise enter the iteration and be blamed on the weights.
+        self._check_saved(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _check_saved(self, state_dict, prefix: str) -> None:
+        """Raise a ValueError naming the layer and buffer if a saved vector is non-finite, negative or not orthonormal."""
+        steps = state_dict.get(prefix + "steps")
+        if isinstance(steps, torch.Tensor) and (steps.is_floating_point() or bool((steps < 0).any())):
+            raise ValueError(f"Cannot load the SpectralState: buffer {prefix}steps must be a non-negative integer, "
+                             f"got {steps!r}")
+        for name in self._names:
+            for buf in ("V", "U", "S"):
+                key = f"{prefix}layers.{_key(name)}.{buf}"
+                t = state_dict.get(key)
+                if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                    continue  # missing, or not a tensor: torch's own checks report it
+                where = f"Cannot load the SpectralState: buffer {key!r} of layer {name!r}"
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{where} holds non-finite values (NaN/Inf)")
+                if buf == "S" and bool((t < 0).any()):
+                    raise ValueError(f"{where} holds negative singular value estimates {t.tolist()}")
+                if buf == "V" and t.dim() == 2:
+                    gram = t.double().T @ t.double()
+                    err = float((gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).abs().max())
+                    if err > max(1e-3, 8 * torch.finfo(t.dtype).eps):
+                        raise ValueError(f"{where} does not hold orthonormal columns (max |VᵀV − I| = {err:.3g})")
 
     def extra_repr(self) -> str:
         return f"layers={len(self._names)}, k={self.k}, view={self.view!r}, fold_bn={self.fold_bn}"
