@@ -147,6 +147,20 @@ def test_non_finite_weights_with_skip_warn_and_keep_the_vectors():
     assert torch.equal(state.vectors("2")[1], v)
 
 
+@pytest.mark.parametrize("entry", ["penalty", "tracker", "wrapper"])
+def test_non_finite_weights_are_named_by_every_entry_point(entry):
+    model = mlp()
+    with torch.no_grad():
+        model[0].weight[1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"weights of layer\(s\) \['0'\]"):
+        if entry == "penalty":
+            rc.SpectralNormPenalty(model)()
+        elif entry == "tracker":
+            rc.track(model, every=1)
+        else:
+            rc.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model, penalties=[rc.SpectralNormPenalty(model)])
+
+
 # ---------------------------------------------------------------------- state loaded from a checkpoint
 def _corrupt(key: str, how: str):
     def apply(sd: dict) -> None:

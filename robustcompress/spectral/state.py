@@ -19,6 +19,7 @@ uses, for every layer at once.
 Example:
     >>> import torch
     >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
     >>> state = SpectralState(model, k=2)
     >>> state.step(50)
@@ -823,12 +824,36 @@ class SpectralState(nn.Module):
                               error_msgs) -> None:
         # Checked before any buffer of this state is copied: a NaN in a saved
         # vector would otherwise enter the iteration and be blamed on the weights.
-        self._check_saved(state_dict, prefix)
+        self.check_state_dict(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def _check_saved(self, state_dict, prefix: str) -> None:
-        """Raise a ValueError naming the layer and buffer if a saved vector is non-finite, negative or not orthonormal."""
+    def check_state_dict(self, state_dict: dict, prefix: str = "") -> None:
+        """Check saved warm vectors before loading them; nothing is loaded.
+
+        :meth:`load_state_dict` runs this first, so a corrupt checkpoint
+        changes nothing; a wrapper that loads several objects can run it
+        before loading any of them. Missing keys and shapes are left to
+        torch's own checks.
+
+        Args:
+            state_dict: as saved by :meth:`state_dict` (under ``prefix``).
+            prefix: the state's key prefix inside a larger state dict.
+
+        Raises:
+            ValueError: naming the layer and buffer, when a saved ``V``, ``U`` or
+                ``S`` holds NaN/Inf, ``S`` is negative, ``V``'s columns are not
+                orthonormal, or ``steps`` is not a non-negative integer.
+
+        Example:
+            >>> state = SpectralState(nn.Sequential(nn.Linear(4, 3)))
+            >>> saved = state.state_dict()
+            >>> saved["layers.0.V"][0] = float("nan")
+            >>> state.check_state_dict(saved)
+            Traceback (most recent call last):
+                ...
+            ValueError: Cannot load the SpectralState: buffer 'layers.0.V' of layer '0' holds non-finite values (NaN/Inf)
+        """
         steps = state_dict.get(prefix + "steps")
         if isinstance(steps, torch.Tensor) and (steps.is_floating_point() or bool((steps < 0).any())):
             raise ValueError(f"Cannot load the SpectralState: buffer {prefix}steps must be a non-negative integer, "
