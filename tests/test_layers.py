@@ -69,8 +69,6 @@ def test_bad_inputs():
 # svdvals, adjointness, the gradient of uᵀ·op·v (top singular pair) against autograd through
 # svdvals of the true operator in the weight's own layout, and that views share the weight's storage.
 
-import torch.nn.functional as F  # noqa: E402
-
 from robustcompress.layers import find_layers, layer_views, to_dense  # noqa: E402
 from robustcompress.layers import LoRASpec, ViewOptions  # noqa: E402
 from robustcompress.spectral.views import operator_from_spec  # noqa: E402
@@ -247,7 +245,8 @@ def test_parametrized_weights_are_the_parametrized_operator_with_gradients_throu
     lin = nn.utils.parametrizations.weight_norm(nn.Linear(5, 4).double())
     g, v = lin.parametrizations.weight.original0, lin.parametrizations.weight.original1
     (view,) = layer_views(lin)
-    # power=False: each product recomputes the parametrized weight (slow here); matvec is the Linear's, power-checked above
+    # power=False: every product recomputes the weight through the parametrization (torch._weight_norm, slow
+    # on a busy multi-threaded CPU); the products are the Linear's, power-checked above.
     _check(view.spec, lambda: g * v / v.norm(dim=1, keepdim=True), [g, v], power=False)
     sn = nn.utils.parametrizations.spectral_norm(nn.Linear(5, 4).double())
     (view,) = layer_views(sn)
@@ -364,3 +363,53 @@ def test_to_dense_inverts_to_low_rank():
     assert torch.linalg.matrix_rank(dense[3].weight) == 2
     with pytest.raises(TypeError, match="Expected model to be an nn.Module"):
         to_dense("model")
+
+
+def test_recurrent_cells_split_their_gates():
+    cell = nn.LSTMCell(3, 4).double()
+    views = {v.name: v for v in layer_views(cell)}
+    assert len(views) == 8
+    _check(views["weight_hh.g"].spec, lambda: cell.weight_hh[8:12], [cell.weight_hh])
+
+
+def _covered_or_listed(model, options=None):
+    """Every ≥ 2-D parameter is read by a found layer or belongs to a module listed as skipped: nothing silent."""
+    cat = find_layers(model, options)
+    read = {id(p) for layer in cat.layers for p in layer.parameters}
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and id(p) not in read:
+            owner = name.rpartition(".")[0]
+            assert owner in cat.skipped, f"{name} is neither tracked nor listed as skipped"
+    return cat
+
+
+@pytest.mark.parametrize("arch", ["bert", "t5", "vit", "llama"])
+def test_transformers_models_circuits_and_nothing_left_out_silently(arch):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(11)
+    common = {"num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 12, "hidden_size": 8}
+    model = {
+        "bert": lambda: transformers.BertModel(transformers.BertConfig(vocab_size=20, **common)),
+        "t5": lambda: transformers.T5Model(transformers.T5Config(vocab_size=20, d_model=8, d_kv=2, num_heads=4,
+                                                                 num_layers=1, d_ff=12)),
+        "vit": lambda: transformers.ViTModel(transformers.ViTConfig(image_size=8, patch_size=4, **common)),
+        "llama": lambda: transformers.LlamaModel(transformers.LlamaConfig(vocab_size=20, num_key_value_heads=2,
+                                                                          **common)),
+    }[arch]().double()
+    projections = _covered_or_listed(model)
+    linear_names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert linear_names <= set(projections.names())  # separate Q/K/V/O stay Linear layers under their own names
+    circuits = _covered_or_listed(model, ViewOptions(attention="circuits"))
+    ov = [layer for layer in circuits.layers if layer.name.endswith("ov.h3")]
+    assert ov
+    attn = ov[0].module
+    paths = {"bert": ("self.query", "self.key", "self.value", "output.dense"), "t5": tuple("qkvo")}.get(
+        arch, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    q, k, v, o = (attn.get_submodule(p).weight for p in paths)
+    kv = slice(2, 4) if arch == "llama" else slice(6, 8)   # llama: 4 query heads share 2 key/value heads
+    _check(ov[0].spec, lambda: o[:, 6:8] @ v[kv], [q, k, v, o])
+    qk = circuits[ov[0].name.replace("ov.h3", "qk.h3")]
+    _check(qk.spec, lambda: q[6:8].T @ k[kv], [q, k, v, o])
+    if arch == "t5":
+        rel = [layer for layer in circuits.layers if layer.name.endswith("relative_attention_bias")]
+        assert rel and not rel[0].penalize

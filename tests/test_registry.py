@@ -115,10 +115,12 @@ def test_lookup_precedence_most_derived_class_then_class_before_name(registered)
 
 
 def test_unknown_weight_bearing_modules_are_listed_as_skipped_with_their_type():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Bilinear(4, 4, 2), nn.LayerNorm(2), nn.ConvTranspose2d(2, 2, 3))
+    model = nn.Sequential(nn.Linear(4, 4), nn.Bilinear(4, 4, 2), nn.LayerNorm(2), nn.ConvTranspose2d(2, 2, 3),
+                          nn.utils.parametrizations.weight_norm(nn.ConvTranspose1d(2, 2, 3)))
     cat = find_layers(model)
     assert cat.names() == ["0"]
-    assert set(cat.skipped) == {"1", "3"}                         # LayerNorm has only 1-D parameters
+    assert set(cat.skipped) == {"1", "3", "4"}                    # LayerNorm has only 1-D parameters
+    assert "'weight'" in cat.skipped["4"]                         # a parametrized weight of an unknown kind
     assert "torch.nn.modules.linear.Bilinear" in cat.skipped["1"] and "'weight'" in cat.skipped["1"]
 
 

@@ -1,4 +1,4 @@
-"""Recurrent layers: RNN, LSTM and GRU, one operator per layer, direction, matrix and gate.
+"""Recurrent layers: RNN, LSTM and GRU (and their cells), one operator per layer, direction, matrix and gate.
 
 ``nn.LSTM`` stores, per layer ``k`` and direction (suffix ``_reverse``),
 ``weight_ih_l{k}`` (``4H × in``), ``weight_hh_l{k}`` (``4H × H``, or
@@ -68,5 +68,19 @@ def _rnn_views(m: nn.RNNBase, options: ViewOptions) -> list[LayerView]:
     return views
 
 
+def _cell_views(m: nn.RNNCellBase, options: ViewOptions) -> list[LayerView]:
+    gates = GATES["LSTM"] if isinstance(m, nn.LSTMCell) else GATES["GRU"] if isinstance(m, nn.GRUCell) else ("",)
+    h = m.hidden_size
+    views = []
+    for pname in ("weight_ih", "weight_hh"):
+        get, params = weight_of(m, pname)
+        for g, gate in enumerate(gates):
+            rows = None if len(gates) == 1 else slice(g * h, (g + 1) * h)
+            views.append(LayerView(f"{pname}.{gate}" if gate else pname, MatrixSpec(get, rows=rows), params))
+    return views
+
+
+RECURRENT_CELL = register_layer_kind(LayerKind(
+    "recurrent_cell", (nn.RNNCellBase,), _cell_views, feature_axis=-1, can_be_head=False, prune="rnn_units"))
 RECURRENT = register_layer_kind(LayerKind(
     "recurrent", (nn.RNNBase,), _rnn_views, feature_axis=-1, can_be_head=False, prune="rnn_units"))

@@ -64,14 +64,13 @@ Example — a custom kind in a few lines:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
-import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from .specs import LoRASpec, LowRankSpec, MatrixSpec, Spec, check_spec
+from .specs import LowRankSpec, MatrixSpec, Spec, check_spec
 
 __all__ = [
     "LayerKind",
@@ -382,7 +381,12 @@ def _spec_key(spec: Spec) -> tuple:
 
 
 def _own_weights(module: nn.Module) -> list[str]:
-    return [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+    own = [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+    if parametrize.is_parametrized(module):
+        # A parametrized weight is a property; its stored tensors live in a ParametrizationList.
+        own += [n for n, plist in module.parametrizations.items()
+                if any(p.dim() >= 2 for p in plist.parameters())]
+    return own
 
 
 def find_layers(model: nn.Module, options: ViewOptions | None = None) -> LayerCatalog:
