@@ -83,6 +83,15 @@ def test_finite_weights_of_any_magnitude_give_the_right_sigmas(scale, k, dtype, 
     assert torch.isfinite(u).all() and torch.isfinite(v).all()
 
 
+def test_layers_of_different_dtypes_and_magnitudes_in_one_state():
+    model = planted(2.0 ** 100, torch.float32)
+    model[2].half()
+    state = rc.SpectralState(model, k=1, init_iter=40)
+    for name in ("0", "2"):
+        exact = float(top_svd(model.get_submodule(name).weight, 1)[0])
+        assert float(state.sigmas(name)[0]) == pytest.approx(exact, rel=1e-2 if name == "2" else 1e-4)
+
+
 def test_tiny_weights_move_the_vectors_every_step_after_the_first():
     # Order 1e-20: Y = WᵀWV is 1e-40, subnormal in float32. The first step, with
     # no estimate to scale by, yields the Ritz value ‖W v‖ (a lower bound); from

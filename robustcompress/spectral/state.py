@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -229,6 +230,13 @@ def _find_bn_successors(model: nn.Module, layers: dict[str, Layer],
     return found
 
 
+@functools.lru_cache(maxsize=None)
+def _exponent_range(dtype: torch.dtype) -> tuple[int, int]:
+    """Exponents ``e`` with ``2^e`` and ``2^-e`` both normal numbers of ``dtype``."""
+    info = torch.finfo(dtype)
+    return math.ceil(math.log2(info.tiny)) + 1, min(math.floor(math.log2(info.max)) - 1, -math.ceil(math.log2(info.tiny)) - 1)
+
+
 def _key(name: str) -> str:
     return name.replace(".", "-") or "-root"
 
@@ -405,6 +413,8 @@ class SpectralState(nn.Module):
             self.layers[_key(name)] = _LayerBuffers(m, n, min(k, m, n), op.dtype, op.device, gen)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self._cache_version = None
+        # Layers iterated as W/c (their σ₁ far from 1; see _iterate), decided after each step.
+        self._scaled: set[str] = set()
         if init_iter:
             self.step(init_iter)
             self.steps.zero_()
@@ -620,16 +630,20 @@ class SpectralState(nn.Module):
         """
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         rest = {n: self._ops[n] for n in names}
-        cs = [scales[n] for n in names]
-        vs = dict(zip(names, torch._foreach_div([self.layers[_key(n)].V for n in names], cs)))
+        vs = {n: self.layers[_key(n)].V for n in names}
+        scaled = [n for n in names if n in scales]  # the others: c = 1
+        if scaled:
+            vs.update(zip(scaled, torch._foreach_div([vs[n] for n in scaled], [scales[n] for n in scaled])))
         for backend in self._backends:
             if not rest:
                 break
             done = backend.products(rest, {n: vs[n] for n in rest})
             out.update(done)
             rest = {n: op for n, op in rest.items() if n not in done}
-        ys = torch._foreach_div([out[n][1] for n in names], cs)
-        return {n: (out[n][0], y) for n, y in zip(names, ys)}
+        if scaled:
+            ys = torch._foreach_div([out[n][1] for n in scaled], [scales[n] for n in scaled])
+            out.update({n: (out[n][0], y) for n, y in zip(scaled, ys)})
+        return out
 
     def _scales(self, names: list[str], ref: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per layer a power of two ``c ≈ σ₁`` the iteration divides the operator by.
@@ -645,28 +659,38 @@ class SpectralState(nn.Module):
         """
         bufs = [self.layers[_key(n)] for n in names]
         if ref is None:
-            ref = torch.stack([b.S[0] for b in bufs])
+            ref = torch.stack(torch._foreach_max([b.S for b in bufs]))  # S is sorted: its max is σ₁
         ref = ref if ref.dtype == torch.float64 else ref.float()
-        info = torch.finfo(bufs[0].S.dtype)
-        e = torch.frexp(ref).exponent.clamp(math.ceil(math.log2(info.tiny)) + 1, math.floor(math.log2(info.max)) - 1)
+        # c and 1/c must be normal numbers of each layer's own dtype (float16: 2^-13 … 2^14).
+        dtypes = {b.S.dtype for b in bufs}
+        e = torch.frexp(ref).exponent
+        if len(dtypes) == 1:
+            e = e.clamp(*_exponent_range(bufs[0].S.dtype))
+        else:
+            lo, hi = zip(*(_exponent_range(b.S.dtype) for b in bufs))
+            e = torch.minimum(torch.maximum(e, e.new_tensor(lo)), e.new_tensor(hi))
         c = torch.where(torch.isfinite(ref) & (ref > 0), torch.ldexp(torch.ones_like(ref), e), torch.ones_like(ref))
-        return {n: ci.to(b.S.dtype) for n, b, ci in zip(names, bufs, c.unbind(0))}
+        return {n: ci if ci.dtype == b.S.dtype else ci.to(b.S.dtype) for n, b, ci in zip(names, bufs, c.unbind(0))}
 
     def _iterate(self, names: list[str], scales: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """One iteration on ``names`` (on ``W/c``, scaled back); returns their finiteness flags (one bool per name)."""
         if scales is None:
-            scales = self._scales(names)
+            # Only layers whose σ₁ left the band where W's own products are
+            # safe (see _in_band) are scaled; the others take c = 1, for free.
+            scaled = [n for n in names if n in self._scaled]
+            scales = self._scales(scaled) if scaled else {}
         products = self._products(names, scales)
         # The updates see the scaled operator: its estimates (and any other
         # per-layer values the buffers keep besides U, V) are divided by c
         # before and multiplied back after — exactly, c being a power of two.
         values, per_value = [], []
-        for n in names:
-            for key, t in self.layers[_key(n)].named_buffers():
-                if key not in ("U", "V"):
+        for n in scales:
+            for key, t in self.layers[_key(n)]._buffers.items():
+                if key not in ("U", "V") and t is not None:
                     values.append(t)
                     per_value.append(scales[n])
-        torch._foreach_div_(values, per_value)
+        if values:
+            torch._foreach_div_(values, per_value)
         by_k: dict[tuple, list[str]] = {}
         for name in names:
             u0 = products[name][0]
@@ -675,8 +699,19 @@ class SpectralState(nn.Module):
         for (k, _, _), members in by_k.items():
             update = self._power_update if k == 1 else self._ritz_update
             flags.update(update(members, products))
-        torch._foreach_mul_(values, per_value)
+        if values:
+            torch._foreach_mul_(values, per_value)
         return torch.stack([flags[n].to(self.steps.device) for n in names])
+
+    def _in_band(self, name: str, sigma: float) -> bool:
+        """Whether ``σ₁ = sigma`` lets the layer's raw products ``W V``, ``WᵀW V`` stay normal numbers.
+
+        The band is a quarter of the dtype's exponent range each way
+        (float32: 2^±31, float16: 2^±3), leaving ``σ²`` and the row sums room.
+        """
+        lo, hi = _exponent_range(self.layers[_key(name)].S.dtype)
+        e = math.frexp(sigma)[1]
+        return lo // 4 <= e <= hi // 4
 
     def _rescue(self, names: list[str], n_iter: int) -> list[str]:
         """Rerun, at a probed scale, layers whose products were non-finite or whose estimate is 0.
@@ -724,9 +759,10 @@ class SpectralState(nn.Module):
         list-wide update; k > 1: CholeskyQR2's QR fallback), and the check
         that raises or warns once per call.
 
-        Each layer is iterated as ``W/c`` with ``c`` a power of two near its
-        last ``σ₁`` estimate, so finite weights of any magnitude (1e30 or
-        1e-20 in float32) neither overflow nor stall; a layer whose products
+        A layer whose ``σ₁`` is far from 1 (outside ``2^±31`` in float32) is
+        iterated as ``W/c`` with ``c`` a power of two near its last estimate,
+        so finite weights of any magnitude (1e30 or 1e-20 in float32) neither
+        overflow nor stall; a layer whose products
         still come out non-finite (or its estimate 0) with finite weights is
         rerun at a scale probed from ``W V`` — weights are blamed only when
         they do hold NaN/Inf.
@@ -743,14 +779,21 @@ class SpectralState(nn.Module):
             finite_flags.append(self._iterate(self._names))
             self.steps += 1
         ok_t = torch.stack(finite_flags).all(0)
-        s0 = torch.stack([self.layers[_key(n)].S[0].to(ok_t.device) for n in self._names])
-        ok, known = torch.stack([ok_t, s0 > 0]).tolist()
+        s0 = torch.stack(torch._foreach_max([self.layers[_key(n)].S for n in self._names])).to(ok_t.device)
+        ok, top = torch.stack([ok_t.to(torch.float64), s0.to(torch.float64)]).tolist()
         bad = [n for n, good in zip(self._names, ok) if not good]
-        unknown = [n for n, good, has in zip(self._names, ok, known) if good and not has]
-        if bad or unknown:
+        unknown = [n for n, good, s in zip(self._names, ok, top) if good and not s > 0]
+        outside = {n for n, s in zip(self._names, top) if s > 0 and not self._in_band(n, s)}
+        # Iterated unscaled this step although their σ₁ is outside the band:
+        # their products may have lost precision; rerun them scaled.
+        new = [n for n in outside if n not in self._scaled and n not in bad]
+        self._scaled = outside
+        if bad or unknown or new:
             # Finite weights whose products overflowed or underflowed at the
             # last estimate's scale are rerun at a probed scale, not blamed.
-            bad = [n for n in self._rescue(bad + unknown, n_iter) if n in bad]
+            nonfinite = self._rescue(bad + unknown + new, n_iter)
+            self._scaled |= {n for n in bad + unknown + new if n not in nonfinite}
+            bad = [n for n in nonfinite if n in bad]
         if bad:
             msg = (f"Non-finite values (NaN/Inf) in the weights of layer(s) {bad}; "
                    "their spectral state was left unchanged")
