@@ -64,6 +64,9 @@ __all__ = [
 
 #: Strength of the σ₁² term in :func:`default_penalties` (chosen on the digits MLP, see its docstring).
 DEFAULT_STRENGTH = 1e-2
+# SpectralNormPenalty(mode="log_k2"): σ₁ below this counts as flat (log σ₁ is
+# clamped there), so the gradient 1/σ₁ stays ≤ 1e4 and a zero layer stays zero.
+LOG_FLOOR = 1e-4
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The user's model inside ``DistributedDataParallel``, ``DataParallel`` or ``torch.compile``.
@@ -418,14 +421,19 @@ class SpectralNormPenalty(Penalty):
 
     * ``"square"``: ``σ₁²`` (gradient ``2σ₁ u vᵀ``);
     * ``"hinge"``: ``max(0, σ₁ − τ)²`` with ``target=τ`` (only above the target);
-    * ``"log_k2"``: ``log σ₁``; summed over the chain this is ``log K₂`` up to the
-      constant ``Σ log L_φ`` (the default selection then includes the head).
+    * ``"log_k2"``: ``log max(σ₁, δ)`` with ``δ = log_floor``; summed over the
+      chain this is ``log K₂`` up to the constant ``Σ log L_φ`` (the default
+      selection then includes the head). The gradient ``u vᵀ/σ₁`` is thereby
+      clamped: at most ``1/δ`` in norm, and 0 below the floor, where the layer
+      counts as already flat (an all-zero layer, ``σ₁ = 0``, is left as it is
+      instead of being thrown to ``‖W‖ ≈ lr·strength/tiny``).
 
     Args:
         state_or_model: a shared ``SpectralState`` or a model.
         strength: a float ≥ 0 or a callable of the step.
         mode: ``"square"``, ``"hinge"`` or ``"log_k2"``.
         target: ``τ > 0`` for the hinge.
+        log_floor: ``δ > 0`` for ``"log_k2"`` (default 1e-4).
         **kwargs: layer selection, weights, every, view, … (see :class:`StateTerm`).
 
     Example:
@@ -434,7 +442,8 @@ class SpectralNormPenalty(Penalty):
         >>> p().backward()
     """
 
-    def __init__(self, state_or_model, strength=1.0, mode: str = "square", target: float | None = None, **kwargs):
+    def __init__(self, state_or_model, strength=1.0, mode: str = "square", target: float | None = None,
+                 log_floor: float | None = None, **kwargs):
         if mode not in ("square", "hinge", "log_k2"):
             raise ValueError(f"Expected mode to be 'square', 'hinge' or 'log_k2', but got mode={mode!r}")
         if mode == "hinge":
@@ -445,9 +454,13 @@ class SpectralNormPenalty(Penalty):
             raise ValueError(f"target is only used with mode='hinge', but got mode={mode!r}, target={target!r}")
         if mode == "log_k2":
             kwargs.setdefault("exclude_head", False)
+            log_floor = LOG_FLOOR if log_floor is None else positive_float(log_floor, "log_floor")
+        elif log_floor is not None:
+            raise ValueError(f"log_floor is only used with mode='log_k2', but got mode={mode!r}, log_floor={log_floor!r}")
         super().__init__(state_or_model, strength, **kwargs)
         self.mode = mode
         self.target = target
+        self.log_floor = log_floor
 
     def _closed_form_layers(self) -> bool:
         # The rank-one update u vᵀ lands on the stored weight: the operator must be
@@ -488,8 +501,10 @@ class SpectralNormPenalty(Penalty):
                     excess = torch.relu(sig - self.target)
                     val, dval = excess.square(), 2 * excess
                 else:
-                    safe = sig.clamp_min(torch.finfo(sig.dtype).tiny)
-                    val, dval = torch.log(safe), 1 / safe
+                    # d log σ/dσ = 1/σ, clamped: 0 below the floor (as autograd of clamp_min in layer_value).
+                    above = sig > self.log_floor
+                    val = torch.log(sig.clamp_min(self.log_floor))
+                    dval = torch.where(above, 1 / sig.clamp_min(self.log_floor), torch.zeros_like(sig))
                 total = strength * w * val if total is None else total + strength * w * val
                 (p,) = self._state.operator_tensors(name)
                 if not p.requires_grad:
@@ -507,7 +522,7 @@ class SpectralNormPenalty(Penalty):
             return s.square()
         if self.mode == "hinge":
             return torch.relu(s - self.target).square()
-        return torch.log(s.clamp_min(torch.finfo(s.dtype).tiny))
+        return torch.log(s.clamp_min(self.log_floor))
 
 
 class HeadSpreadPenalty(Penalty):

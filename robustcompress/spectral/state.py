@@ -19,6 +19,7 @@ uses, for every layer at once.
 Example:
     >>> import torch
     >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
     >>> state = SpectralState(model, k=2)
     >>> state.step(50)
@@ -30,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -227,6 +229,13 @@ def _find_bn_successors(model: nn.Module, layers: dict[str, Layer],
             continue
         found[layer.name] = bn
     return found
+
+
+@functools.lru_cache(maxsize=None)
+def _exponent_range(dtype: torch.dtype) -> tuple[int, int]:
+    """Exponents ``e`` with ``2^e`` and ``2^-e`` both normal numbers of ``dtype``."""
+    info = torch.finfo(dtype)
+    return math.ceil(math.log2(info.tiny)) + 1, min(math.floor(math.log2(info.max)) - 1, -math.ceil(math.log2(info.tiny)) - 1)
 
 
 def _key(name: str) -> str:
@@ -429,6 +438,8 @@ class SpectralState(nn.Module):
                 op.shard_buffers(self.layers[_key(name)])
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self._cache_version = None
+        # Layers iterated as W/c (their σ₁ far from 1; see _iterate), decided after each step.
+        self._scaled: set[str] = set()
         if init_iter:
             self.step(init_iter)
             self.steps.zero_()
@@ -589,8 +600,12 @@ class SpectralState(nn.Module):
         """``σ₁ ≈ uᵀ W v`` with ``u, v`` detached: differentiable, gradient ``u vᵀ``.
 
         Always ≤ the true σ₁ (for unit u, v); equal at convergence.
+
+        Raises:
+            ValueError: the layer left the model or changed shape since the state was built.
         """
         b = self._buf(name)
+        self._check_layer(self.aliases.get(name, name))
         op = self._ops[self.aliases.get(name, name)]
         if isinstance(op, ShardedView):
             return op.sigmas_expr(b, 1)[0]
@@ -598,8 +613,9 @@ class SpectralState(nn.Module):
         return (u * op.matvec(v)).sum()
 
     def top_sigmas(self, name: str) -> torch.Tensor:
-        """Differentiable ``σ_j ≈ u_jᵀ W v_j`` for all k tracked directions."""
+        """Differentiable ``σ_j ≈ u_jᵀ W v_j`` for all k tracked directions (checked as :meth:`sigma`)."""
         b = self._buf(name)
+        self._check_layer(self.aliases.get(name, name))
         op = self._ops[self.aliases.get(name, name)]
         if isinstance(op, ShardedView):
             return op.sigmas_expr(b, b.S.numel())
@@ -614,46 +630,172 @@ class SpectralState(nn.Module):
     # ------------------------------------------------------------------ iteration
     def _check_shapes(self) -> None:
         for name in self._names:
-            layer = self._layers[name]
-            try:
-                module = self._model.get_submodule(layer.module_name)
-            except AttributeError:
-                raise ValueError(f"Layer {name!r} is no longer in the model; build a new SpectralState") from None
-            if module is not layer.module:
-                # The module was replaced (e.g. by pruning): describe the new one with the same view.
-                views = {v.name: v for v in layer_views(module, self.options)}
-                if layer.view.name not in views:
-                    raise ValueError(f"Layer {name!r} was replaced by a {type(module).__name__} without the operator "
-                                     f"{layer.view.name or 'of the old layer'}; build a new SpectralState")
-                self._layers[name] = Layer(name, layer.module_name, module, layer_kind(module), views[layer.view.name])
-                self._ops[name] = self._build_operator(name)
-            elif not isinstance(self._ops[name], ShardedView) and sharded_operator(name, layer.spec) is not None:
-                self._ops[name] = self._build_operator(name)  # the model was sharded after the state was built
-            op = self._ops[name]
-            m, n = op.shape
-            buf = self.layers[_key(name)]
-            if isinstance(op, ShardedView):
-                # Warm vectors drawn for the full operator are sliced to this rank's rows (once).
-                op.shard_buffers(buf)
-            if buf.V.device != op.device or buf.V.dtype != op.dtype:
-                # The model moved (model.cuda(), model.double()): the warm vectors follow it.
-                buf.to(device=op.device, dtype=op.dtype)
-            if buf.U.shape[0] != m or buf.V.shape[0] != n:
-                raise ValueError(
-                    f"Layer {name!r} changed shape since the SpectralState was built: operator was "
-                    f"{buf.U.shape[0]}×{buf.V.shape[0]}, now {m}×{n}. Build a new SpectralState.")
+            self._check_layer(name)
 
-    def _products(self, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``U₀ = W V`` and ``Y = Wᵀ U₀`` for every layer, each back-end taking the layers it computes."""
+    def _check_layer(self, name: str) -> None:
+        """The layer is still in the model, with the shape its vectors have (replaced modules re-described)."""
+        layer = self._layers[name]
+        try:
+            module = self._model.get_submodule(layer.module_name)
+        except AttributeError:
+            raise ValueError(f"Layer {name!r} is no longer in the model; build a new SpectralState") from None
+        if module is not layer.module:
+            # The module was replaced (e.g. by pruning): describe the new one with the same view.
+            views = {v.name: v for v in layer_views(module, self.options)}
+            if layer.view.name not in views:
+                raise ValueError(f"Layer {name!r} was replaced by a {type(module).__name__} without the operator "
+                                 f"{layer.view.name or 'of the old layer'}; build a new SpectralState")
+            self._layers[name] = Layer(name, layer.module_name, module, layer_kind(module), views[layer.view.name])
+            self._ops[name] = self._build_operator(name)
+        elif not isinstance(self._ops[name], ShardedView) and sharded_operator(name, layer.spec) is not None:
+            self._ops[name] = self._build_operator(name)  # the model was sharded after the state was built
+        op = self._ops[name]
+        m, n = op.shape
+        buf = self.layers[_key(name)]
+        if isinstance(op, ShardedView):
+            # Warm vectors drawn for the full operator are sliced to this rank's rows (once).
+            op.shard_buffers(buf)
+        if buf.V.device != op.device or buf.V.dtype != op.dtype:
+            # The model moved (model.cuda(), model.double()): the warm vectors follow it.
+            buf.to(device=op.device, dtype=op.dtype)
+        if buf.U.shape[0] != m or buf.V.shape[0] != n:
+            raise ValueError(
+                f"Layer {name!r} changed shape since the SpectralState was built: operator was "
+                f"{buf.U.shape[0]}×{buf.V.shape[0]}, now {m}×{n}. Build a new SpectralState.")
+
+    def _products(self, names: list[str], scales: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``U₀ = (W/c) V`` and ``Y = (W/c)ᵀ U₀`` for every layer, each back-end taking the layers it computes.
+
+        The products are those of the operator divided by its scale ``c``
+        (:meth:`_scales`): the back-ends multiply ``V/c`` and ``Y`` is divided
+        by ``c`` once more, so no intermediate holds ``σ²`` of the raw weights.
+        """
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         rest = {n: self._ops[n] for n in names}
+        vs = {n: self.layers[_key(n)].V for n in names}
+        scaled = [n for n in names if n in scales]  # the others: c = 1
+        if scaled:
+            vs.update(zip(scaled, torch._foreach_div([vs[n] for n in scaled], [scales[n] for n in scaled])))
         for backend in self._backends:
             if not rest:
                 break
-            done = backend.products(rest, {n: self.layers[_key(n)].V for n in rest})
+            done = backend.products(rest, {n: vs[n] for n in rest})
             out.update(done)
             rest = {n: op for n, op in rest.items() if n not in done}
+        if scaled:
+            ys = torch._foreach_div([out[n][1] for n in scaled], [scales[n] for n in scaled])
+            out.update({n: (out[n][0], y) for n, y in zip(scaled, ys)})
         return out
+
+    def _scales(self, names: list[str], ref: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per layer a power of two ``c ≈ σ₁`` the iteration divides the operator by.
+
+        Weights of any finite magnitude then give products of order one: the
+        raw ``Y = WᵀW V`` of weights of order 1e30 overflows float32 (1e60) and
+        that of weights of order 1e-20 is subnormal (1e-40), which stalls the
+        iteration. ``c`` is the last estimate ``σ₁`` rounded up to a power of
+        two (so dividing and multiplying back are exact), or that of ``ref``
+        (one value per layer, e.g. the largest entry of ``W V``); 1 where
+        neither is a positive finite number. Computed on the device, without
+        a host synchronisation.
+        """
+        bufs = [self.layers[_key(n)] for n in names]
+        if ref is None:
+            ref = torch.stack(torch._foreach_max([b.S for b in bufs]))  # S is sorted: its max is σ₁
+        ref = ref if ref.dtype == torch.float64 else ref.float()
+        # c and 1/c must be normal numbers of each layer's own dtype (float16: 2^-13 … 2^14).
+        dtypes = {b.S.dtype for b in bufs}
+        e = torch.frexp(ref).exponent
+        if len(dtypes) == 1:
+            e = e.clamp(*_exponent_range(bufs[0].S.dtype))
+        else:
+            lo, hi = zip(*(_exponent_range(b.S.dtype) for b in bufs))
+            e = torch.minimum(torch.maximum(e, e.new_tensor(lo)), e.new_tensor(hi))
+        c = torch.where(torch.isfinite(ref) & (ref > 0), torch.ldexp(torch.ones_like(ref), e), torch.ones_like(ref))
+        return {n: ci if ci.dtype == b.S.dtype else ci.to(b.S.dtype) for n, b, ci in zip(names, bufs, c.unbind(0))}
+
+    def _iterate(self, names: list[str], scales: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """One iteration on ``names`` (on ``W/c``, scaled back); returns their finiteness flags (one bool per name)."""
+        sharded = {n: self._ops[n] for n in names if isinstance(self._ops[n], ShardedView)}
+        flags = {}
+        if sharded:
+            # Sharded layers: one all-reduce for all of them, the update from reduced values.
+            flags.update(self._sharded.step(sharded, {n: self.layers[_key(n)] for n in sharded}))
+        names_all, names = names, [n for n in names if n not in sharded]
+        if scales is None:
+            # Only layers whose σ₁ left the band where W's own products are
+            # safe (see _in_band) are scaled; the others take c = 1, for free.
+            scaled = [n for n in names if n in self._scaled]
+            scales = self._scales(scaled) if scaled else {}
+        products = self._products(names, scales)
+        # The updates see the scaled operator: its estimates (and any other
+        # per-layer values the buffers keep besides U, V) are divided by c
+        # before and multiplied back after — exactly, c being a power of two.
+        values, per_value = [], []
+        for n in scales:
+            for key, t in self.layers[_key(n)]._buffers.items():
+                if key not in ("U", "V") and t is not None:
+                    values.append(t)
+                    per_value.append(scales[n])
+        if values:
+            torch._foreach_div_(values, per_value)
+        by_k: dict[tuple, list[str]] = {}
+        for name in names:
+            u0 = products[name][0]
+            by_k.setdefault((u0.shape[1], str(u0.device), u0.dtype), []).append(name)
+        for (k, _, _), members in by_k.items():
+            update = self._power_update if k == 1 else self._ritz_update
+            flags.update(update(members, products))
+        if values:
+            torch._foreach_mul_(values, per_value)
+        return torch.stack([flags[n].to(self.steps.device) for n in names_all])
+
+    def _in_band(self, name: str, sigma: float) -> bool:
+        """Whether ``σ₁ = sigma`` lets the layer's raw products ``W V``, ``WᵀW V`` stay normal numbers.
+
+        The band is a quarter of the dtype's exponent range each way
+        (float32: 2^±31, float16: 2^±3), leaving ``σ²`` and the row sums room.
+        """
+        lo, hi = _exponent_range(self.layers[_key(name)].S.dtype)
+        e = math.frexp(sigma)[1]
+        return lo // 4 <= e <= hi // 4
+
+    def _rescue(self, names: list[str], n_iter: int) -> list[str]:
+        """Rerun, at a probed scale, layers whose products were non-finite or whose estimate is 0.
+
+        A scale taken from a stale estimate (the weights grew or shrank by
+        orders of magnitude since, or there is no estimate yet) can make the
+        products overflow or underflow; finite weights are then not to blame.
+        Layers whose probe ``W V`` is 0 (zero weights) are left as they are.
+
+        Returns:
+            The layers whose weights hold NaN/Inf.
+
+        Raises:
+            ValueError: finite weights whose products are not representable
+                even at the probed scale, naming the layers and their dtype.
+        """
+        finite = [n for n in names if all(bool(torch.isfinite(t).all()) for t in self.operator_tensors(n))]
+        redo, probes = [], []
+        for n in finite:
+            # The largest entry of W V: no squares, so representable whenever the weights are.
+            p = self._ops[n].matvec(self.layers[_key(n)].V).abs().amax()
+            if not float(p) == 0:
+                redo.append(n)
+                probes.append(p.to(self.steps.device, torch.float64))
+        if redo:
+            scales = self._scales(redo, torch.stack(probes))
+            ok = torch.ones(len(redo), dtype=torch.bool, device=self.steps.device)
+            for _ in range(n_iter):
+                ok &= self._iterate(redo, scales)
+                scales = self._scales(redo)
+            lost = [n for n, good in zip(redo, ok.tolist()) if not good]
+            if lost:
+                dtypes = sorted({str(self._ops[n].dtype) for n in lost})
+                raise ValueError(f"The weights of layer(s) {lost} are finite but out of the range the spectral "
+                                 f"state can represent in {', '.join(dtypes)} (their products overflow even "
+                                 "after scaling); rescale the weights or use float64")
+        return [n for n in names if n not in finite]
 
     @torch.no_grad()
     def step(self, n_iter: int = 1) -> None:
@@ -672,9 +814,18 @@ class SpectralState(nn.Module):
         list-wide update; k > 1: CholeskyQR2's QR fallback), and the check
         that raises or warns once per call.
 
+        A layer whose ``σ₁`` is far from 1 (outside ``2^±31`` in float32) is
+        iterated as ``W/c`` with ``c`` a power of two near its last estimate,
+        so finite weights of any magnitude (1e30 or 1e-20 in float32) neither
+        overflow nor stall; a layer whose products
+        still come out non-finite (or its estimate 0) with finite weights is
+        rerun at a scale probed from ``W V`` — weights are blamed only when
+        they do hold NaN/Inf.
+
         Raises:
-            ValueError: a weight holds NaN/Inf (``on_nonfinite="raise"``), or a
-                layer's shape changed since the state was built.
+            ValueError: a weight holds NaN/Inf (``on_nonfinite="raise"``), a
+                layer's finite weights are beyond what its dtype can iterate, or a
+                layer's shape changed (or it left the model) since the state was built.
         """
         positive_int(n_iter, "n_iter")
         self._check_shapes()
@@ -691,32 +842,30 @@ class SpectralState(nn.Module):
         #: layer-iterations run so far (base iterations plus refinement), for cost accounting
         self.layer_iterations += n_iter * len(self._names) + sum(plan.values())
         self._snapshot_residuals()
-        ok = torch.stack(finite_flags).all(0).tolist()
+        ok_t = torch.stack(finite_flags).all(0)
+        s0 = torch.stack(torch._foreach_max([self.layers[_key(n)].S for n in self._names])).to(ok_t.device)
+        ok, top = torch.stack([ok_t.to(torch.float64), s0.to(torch.float64)]).tolist()
         bad = [n for n, good in zip(self._names, ok) if not good]
+        # Sharded layers are iterated on reduced blocks by their back-end and never rescaled here.
+        local = [not isinstance(self._ops[n], ShardedView) for n in self._names]
+        unknown = [n for n, good, s, lc in zip(self._names, ok, top, local) if lc and good and not s > 0]
+        outside = {n for n, s, lc in zip(self._names, top, local) if lc and s > 0 and not self._in_band(n, s)}
+        # Iterated unscaled this step although their σ₁ is outside the band:
+        # their products may have lost precision; rerun them scaled.
+        new = [n for n in outside if n not in self._scaled and n not in bad]
+        self._scaled = outside
+        if bad or unknown or new:
+            # Finite weights whose products overflowed or underflowed at the
+            # last estimate's scale are rerun at a probed scale, not blamed.
+            nonfinite = self._rescue(bad + unknown + new, n_iter)
+            self._scaled |= {n for n in bad + unknown + new if n not in nonfinite}
+            bad = [n for n in nonfinite if n in bad]
         if bad:
             msg = (f"Non-finite values (NaN/Inf) in the weights of layer(s) {bad}; "
                    "their spectral state was left unchanged")
             if self.on_nonfinite == "raise":
                 raise ValueError(msg + " (pass on_nonfinite='skip' to warn instead)")
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
-
-    def _iterate(self, names: list[str]) -> torch.Tensor:
-        """One iteration on ``names``; returns their finiteness flags (bool tensor, one per name)."""
-        sharded = {n: self._ops[n] for n in names if isinstance(self._ops[n], ShardedView)}
-        plain = [n for n in names if n not in sharded]
-        flags = {}
-        if sharded:
-            # Sharded layers: one all-reduce for all of them, the update from reduced values.
-            flags.update(self._sharded.step(sharded, {n: self.layers[_key(n)] for n in sharded}))
-        products = self._products(plain)
-        by_k: dict[tuple, list[str]] = {}
-        for name in plain:
-            u0 = products[name][0]
-            by_k.setdefault((u0.shape[1], str(u0.device), u0.dtype), []).append(name)
-        for (k, _, _), members in by_k.items():
-            update = self._power_update if k == 1 else self._ritz_update
-            flags.update(update(members, products))
-        return torch.stack([flags[n].to(self.steps.device) for n in names])
 
     def _relative_residuals(self) -> torch.Tensor:
         # Sharded layers keep no residual (their update runs on reduced blocks) and are
@@ -773,9 +922,11 @@ class SpectralState(nn.Module):
         bufs = [self.layers[_key(n)] for n in members]
         u0s = [products[n][0] for n in members]
         ys = [products[n][1] for n in members]
+        # List-wide (foreach) operations inside power_step: the cost per layer is a few microseconds.
         s, yn, radius, ok = power_step(u0s, ys, [b.V for b in bufs])
-        tiny = torch.finfo(s.dtype).tiny
-        live = ok & (s > tiny) & (yn > tiny)
+        # The products are of W/c (c ≈ σ₁, see _scales), so s and yn are of
+        # order one; 0 means a zero operator (or an underflow the scale fixes).
+        live = ok & (s > 0) & (yn > 0)
         torch._foreach_copy_([b.C for b in bufs], list(torch.where(ok, s, torch.zeros_like(s)).reshape(-1, 1).unbind(0)))
         torch._foreach_copy_([b.R for b in bufs], list(radius.reshape(-1, 1).unbind(0)))
         if bool(live.all()):
@@ -785,12 +936,13 @@ class SpectralState(nn.Module):
             torch._foreach_copy_([b.S for b in bufs], list((yn / s).reshape(-1, 1).unbind(0)))
             return dict(zip(members, ok.unbind(0)))
         flags = {}
+        s_safe, yn_safe = torch.where(live, s, torch.ones_like(s)), torch.where(live, yn, torch.ones_like(yn))
         for i, (name, buf) in enumerate(zip(members, bufs)):
             # σ = 0 (a zero matrix) has no singular vectors, and non-finite
             # weights none worth keeping: keep the previous ones.
-            buf.U.copy_(torch.where(live[i], u0s[i] / s[i].clamp_min(tiny), buf.U))
-            buf.V.copy_(torch.where(live[i], ys[i] / yn[i].clamp_min(tiny), buf.V))
-            buf.S.copy_(torch.where(live[i], yn[i] / s[i].clamp_min(tiny), torch.where(ok[i], s[i], buf.S[0])).reshape(1))
+            buf.U.copy_(torch.where(live[i], u0s[i] / s_safe[i], buf.U))
+            buf.V.copy_(torch.where(live[i], ys[i] / yn_safe[i], buf.V))
+            buf.S.copy_(torch.where(live[i], yn[i] / s_safe[i], torch.where(ok[i], s[i], buf.S[0])).reshape(1))
             flags[name] = ok[i]
         return flags
 
@@ -876,6 +1028,62 @@ class SpectralState(nn.Module):
         if gram_iter:
             upper = min(upper, float(gram_upper_bound(op.matrix(), gram_iter)))
         return float(theta[0]), upper
+
+    # ------------------------------------------------------------------ saving and loading
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # Checked before any buffer of this state is copied: a NaN in a saved
+        # vector would otherwise enter the iteration and be blamed on the weights.
+        self.check_state_dict(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def check_state_dict(self, state_dict: dict, prefix: str = "") -> None:
+        """Check saved warm vectors before loading them; nothing is loaded.
+
+        :meth:`load_state_dict` runs this first, so a corrupt checkpoint
+        changes nothing; a wrapper that loads several objects can run it
+        before loading any of them. Missing keys and shapes are left to
+        torch's own checks.
+
+        Args:
+            state_dict: as saved by :meth:`state_dict` (under ``prefix``).
+            prefix: the state's key prefix inside a larger state dict.
+
+        Raises:
+            ValueError: naming the layer and buffer, when a saved ``V``, ``U`` or
+                ``S`` holds NaN/Inf, ``S`` is negative, ``V``'s columns are not
+                orthonormal, or ``steps`` is not a non-negative integer.
+
+        Example:
+            >>> state = SpectralState(nn.Sequential(nn.Linear(4, 3)))
+            >>> saved = state.state_dict()
+            >>> saved["layers.0.V"][0] = float("nan")
+            >>> state.check_state_dict(saved)
+            Traceback (most recent call last):
+                ...
+            ValueError: Cannot load the SpectralState: buffer 'layers.0.V' of layer '0' holds non-finite values (NaN/Inf)
+        """
+        steps = state_dict.get(prefix + "steps")
+        if isinstance(steps, torch.Tensor) and (steps.is_floating_point() or bool((steps < 0).any())):
+            raise ValueError(f"Cannot load the SpectralState: buffer {prefix}steps must be a non-negative integer, "
+                             f"got {steps!r}")
+        for name in self._names:
+            for buf in ("V", "U", "S"):
+                key = f"{prefix}layers.{_key(name)}.{buf}"
+                t = state_dict.get(key)
+                if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                    continue  # missing, or not a tensor: torch's own checks report it
+                where = f"Cannot load the SpectralState: buffer {key!r} of layer {name!r}"
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{where} holds non-finite values (NaN/Inf)")
+                if buf == "S" and bool((t < 0).any()):
+                    raise ValueError(f"{where} holds negative singular value estimates {t.tolist()}")
+                if buf == "V" and t.dim() == 2:
+                    gram = t.double().T @ t.double()
+                    err = float((gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).abs().max())
+                    if err > max(1e-3, 8 * torch.finfo(t.dtype).eps):
+                        raise ValueError(f"{where} does not hold orthonormal columns (max |VᵀV − I| = {err:.3g})")
 
     def extra_repr(self) -> str:
         return f"layers={len(self._names)}, k={self.k}, view={self.view!r}, fold_bn={self.fold_bn}"
