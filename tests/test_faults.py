@@ -346,7 +346,6 @@ def test_log_k2_gradient_is_clamped_at_one_over_the_floor(path):
 
 
 # ---------------------------------------------------------------------- wrapper checkpoints
-@pytest.mark.xfail(strict=True, reason="needs the wrapper's penalty-type check")
 def test_wrapper_state_dict_with_other_penalty_types_is_refused():
     a, b = mlp(), mlp(1)
     opt_a = rc.wrap(torch.optim.SGD(a.parameters(), lr=0.1), a, [rc.SpectralNormPenalty(rc.SpectralState(a), 0.05)])
