@@ -208,3 +208,27 @@ def test_unsupported_kinds_are_refused_by_name():
     lstm = nn.Sequential(nn.LSTM(4, 8, batch_first=True))
     with pytest.raises(ValueError, match="LSTM"):
         prune(lstm, 0.5, example_inputs=torch.zeros(1, 3, 4))
+
+
+def test_attention_prune_rule_examples_run():
+    import doctest
+    import importlib
+
+    mod = importlib.import_module("robustcompress.layers.attention")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 4 and result.failed == 0
+
+
+def test_set_num_heads_matches_what_a_fresh_block_holds():
+    from robustcompress.layers.attention import head_layout, set_num_heads
+
+    def config(heads):
+        return transformers.BertConfig(hidden_size=8 * heads, num_attention_heads=heads, num_hidden_layers=1,
+                                       intermediate_size=8, vocab_size=10)
+
+    block = transformers.BertForSequenceClassification(config(4)).bert.encoder.layer[0].attention
+    fresh = transformers.BertForSequenceClassification(config(3)).bert.encoder.layer[0].attention
+    assert head_layout(block).heads == 4 and head_layout(block).head_dim == 8
+    set_num_heads(block, 3)
+    for attr in ("num_attention_heads", "attention_head_size", "all_head_size"):
+        assert getattr(block.self, attr) == getattr(fresh.self, attr)

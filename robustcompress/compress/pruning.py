@@ -10,6 +10,12 @@ is written here. ``mask_only=True`` keeps the shapes and zeroes the same slices
 instead (masks re-applied by forward pre-hooks): the same outputs as the
 physically pruned model, for quick measurement.
 
+Transformers: attention blocks whose layer kind prunes ``"heads"`` lose whole
+heads (head ``h``: rows ``h·d_h … (h+1)·d_h − 1`` of Q, K, V and the same
+columns of O; the block's head-count attributes are updated), feed-forward
+layers lose neurons, and the residual stream (features a LayerNorm, an
+Embedding or an attention block reads together) keeps its width.
+
 Example:
     >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     >>> pruned = prune(model, 0.5, example_inputs=torch.zeros(1, 8))
@@ -493,14 +499,39 @@ def prune(
     classifier head's outputs (the channels that reach the model output) are
     never pruned.
 
+    Attention heads: in a block with ``H`` heads of size ``d_h``, head ``h``
+    scores ``Σ_{i ∈ h} [s(q_i) + s(k_i) + s(v_i) + s(o_{:,i})]`` — the
+    importance ``s`` of its ``d_h`` rows of ``W_Q``, ``W_K``, ``W_V`` and of
+    its ``d_h`` columns of ``W_O`` (so ``"l2"`` adds their Euclidean norms,
+    ``"l1"`` their ℓ₁ norms) — and the ``⌊amount·H + 10⁻⁶⌋`` lowest heads (at
+    most ``H − 1``) go whole. BERT/ViT-style blocks (separate Q/K/V/O
+    ``nn.Linear``) are cut by Torch-Pruning, and ``num_attention_heads`` /
+    ``all_head_size`` (``num_heads``, ``inner_dim``) are updated on the block
+    (the shared config is not: layers may now differ). ``nn.MultiheadAttention``
+    heads are removed in ``mask_only`` mode only (its inner width is tied to
+    ``embed_dim``). A removed head's Q/K/V rows and O columns are zero in
+    ``mask_only`` mode, so its output is exactly 0, as when it is cut out.
+    Features that a LayerNorm, an Embedding or an attention block reads
+    together (a transformer's residual stream) are left at full width: zeroing
+    one would change the normalisation of the others. Modules refused, by
+    their layer kind's prune rule: transformers' ``Conv1D`` and GPT-2
+    attention, Conv3d, grouped (non-depthwise) convolutions, recurrent layers,
+    LoRA adapters and low-rank layers.
+
     Args:
-        model: a network of Linear, Conv1d, Conv2d (groups=1) and BatchNorm1d/2d
-            layers (plus parameter-free modules and functions).
-        amount: fraction of units removed per layer, in ``[0, 1)``, or a
-            ``{layer name: fraction}`` mapping (unnamed layers are kept; coupled
-            layers take the smallest fraction asked for any of them).
-        example_inputs: one input batch to trace the model with; inferred
-            (zeros) when the first layer is a Linear.
+        model: a network of Linear, Conv1d, Conv2d (ungrouped or depthwise),
+            BatchNorm1d/2d, LayerNorm, Embedding and attention layers (BERT- and
+            ViT-style blocks, ``nn.MultiheadAttention``), plus parameter-free
+            modules and functions.
+        amount: fraction of units (neurons, channels, heads) removed per layer,
+            in ``[0, 1)``, or a ``{layer name: fraction}`` mapping (unnamed
+            layers are kept; an attention block is named by its module or any of
+            its Q/K/V layers; coupled layers take the smallest fraction asked
+            for any of them).
+        example_inputs: one input batch to trace the model with: a tensor
+            (integer token ids are fine) or a dict of keyword tensors
+            (``model(**example_inputs)``); inferred (zeros) when the first layer
+            is a Linear. A ``ModelOutput`` is read through its ``logits``.
         importance: ``"l2"`` (row norm ``‖w_i‖₂``, default), ``"l1"``
             (``‖w_i‖₁``, the L∞ gain), ``"sensitivity"`` /
             ``"sensitivity-linf"`` (:class:`SensitivityImportance` for L2 / L∞),
@@ -519,6 +550,11 @@ def prune(
         >>> small = prune(model, 0.25)
         >>> [m.out_features for m in small if isinstance(m, nn.Linear)]
         [12, 12, 3]
+        >>> enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 4, 16, batch_first=True), 1,
+        ...                             enable_nested_tensor=False)
+        >>> masked = prune(enc, 0.5, example_inputs=torch.zeros(1, 3, 8), mask_only=True)
+        >>> int((masked.layers[0].self_attn.out_proj.weight == 0).all(0).sum())   # 2 of 4 heads, 2 columns each
+        4
     """
     model = module_arg(model)
     amount = _amount_arg(amount)
