@@ -232,3 +232,38 @@ def test_set_num_heads_matches_what_a_fresh_block_holds():
     set_num_heads(block, 3)
     for attr in ("num_attention_heads", "attention_head_size", "all_head_size"):
         assert getattr(block.self, attr) == getattr(fresh.self, attr)
+
+
+def test_masked_encoder_counts_and_separate_projections():
+    from robustcompress.compress import count_parameters
+
+    enc, x = _encoder(True)
+    masked = prune(enc, 0.5, example_inputs=x, mask_only=True)
+    # Per layer: 2 of 4 heads (3·8 rows of in_proj_weight + 3·8 biases + 8 out_proj columns of 16) and 16 of 32
+    # neurons (16 rows of 16 + 16 biases + 16 columns of linear2).
+    per_layer = 3 * 8 * 16 + 3 * 8 + 8 * 16 + 16 * 16 + 16 + 16 * 16
+    assert count_parameters(masked) == count_parameters(enc) - 2 * per_layer
+
+    torch.manual_seed(2)
+    mha = nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True).eval()
+    q, kv = torch.randn(2, 3, 8), torch.randn(2, 4, 6)
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = mha
+
+        def forward(self, x):
+            return self.attn(x, kv, kv, need_weights=False)[0]
+
+    model = Cross()
+    masked = prune(model, 0.5, example_inputs=q, mask_only=True)
+    ref = copy.deepcopy(model)
+    removed = sorted(int(i) for i in (masked.attn.q_proj_weight == 0).all(1).nonzero())
+    assert len(removed) == 4 and removed in ([0, 1, 2, 3], [4, 5, 6, 7])
+    with torch.no_grad():
+        for w in (ref.attn.q_proj_weight, ref.attn.k_proj_weight, ref.attn.v_proj_weight):
+            w[removed] = 0
+        ref.attn.out_proj.weight[:, removed] = 0
+        # a removed head's value path reaches nothing once O's columns are 0, whatever its biases
+        torch.testing.assert_close(masked(q), ref(q), rtol=0, atol=1e-6)
