@@ -72,7 +72,12 @@ def test_heads_and_neurons_mask_and_physical(build):
     model, x = build()
     heads, dh = 4, 8
     dense = _logits(model, x)
-    masked = prune(model, 0.5, example_inputs=x, mask_only=True)
+    with pytest.warns(UserWarning, match=r"full width .*LayerNorm") as record:
+        masked = prune(model, 0.5, example_inputs=x, mask_only=True)
+    kept = str(record[0].message)
+    for _, qkvo, (_, down) in _blocks(model):  # the residual stream's writers are listed, not pruned
+        names = {m: n for n, m in model.named_modules()}
+        assert repr(names[qkvo[3]]) in kept and repr(names[down]) in kept
 
     # Reference: the dense model with the same heads and neurons zeroed by hand.
     reference = copy.deepcopy(model)
@@ -105,7 +110,8 @@ def test_heads_and_neurons_mask_and_physical(build):
     torch.testing.assert_close(_logits(masked, x), _logits(reference, x), rtol=0, atol=1e-6)
     assert not torch.allclose(_logits(masked, x), dense, atol=1e-4)  # something was removed
 
-    physical = prune(model, 0.5, example_inputs=x)
+    with pytest.warns(UserWarning, match="full width"):
+        physical = prune(model, 0.5, example_inputs=x)
     torch.testing.assert_close(_logits(physical, x), _logits(masked, x), rtol=1e-5, atol=1e-5)
     for block, qkvo, (up, down) in _blocks(physical):
         assert [lin.out_features for lin in qkvo[:3]] == [2 * dh] * 3 and qkvo[3].in_features == 2 * dh

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -292,7 +293,7 @@ def _attention_blocks(model: nn.Module) -> tuple[dict[nn.Module, tuple[str, nn.M
 
 
 def _plan_pruning(graph: Any, model: nn.Module, amount: float | dict[str, float], layers: Sequence[str] | None,
-                  score_fn: Callable, fold_bn: bool) -> tuple[list[_Plan], list[_PackedHeads]]:
+                  score_fn: Callable, fold_bn: bool) -> tuple[list[_Plan], list[_PackedHeads], dict[str, str]]:
     names_of = {m: n for n, m in model.named_modules()}
     named = dict(model.named_modules())
     by_projection, packed = _attention_blocks(model)
@@ -385,7 +386,15 @@ def _plan_pruning(graph: Any, model: nn.Module, amount: float | dict[str, float]
         if n_remove > 0:
             heads = _lowest(_packed_head_scores(module, score_fn, name), n_remove)
             packed_plans.append(_PackedHeads(name, module, heads))
-    return plans, packed_plans
+    return plans, packed_plans, whole
+
+
+def _warn_whole(whole: Mapping[str, str]) -> None:
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in whole.items():
+        by_reason.setdefault(reason, []).append(name)
+    lines = "; ".join(f"{', '.join(repr(n) for n in names)}: {reason}" for reason, names in by_reason.items())
+    warnings.warn(f"prune keeps {len(whole)} layer(s) at full width — {lines}", stacklevel=3)
 
 
 def _param_or_none(module: nn.Module, pname: str) -> torch.Tensor | None:
@@ -513,7 +522,8 @@ def prune(
     ``mask_only`` mode, so its output is exactly 0, as when it is cut out.
     Features that a LayerNorm, an Embedding or an attention block reads
     together (a transformer's residual stream) are left at full width: zeroing
-    one would change the normalisation of the others. Modules refused, by
+    one would change the normalisation of the others; a warning lists the
+    layers so kept (when no ``layers`` or per-layer ``amount`` was given). Modules refused, by
     their layer kind's prune rule: transformers' ``Conv1D`` and GPT-2
     attention, Conv3d, grouped (non-depthwise) convolutions, recurrent layers,
     LoRA adapters and low-rank layers.
@@ -584,7 +594,7 @@ def prune(
         with torch.no_grad():
             before = _run(target, example)
         # Everything is planned and checked before the first change, so a failure leaves the model whole.
-        plans, packed = _plan_pruning(graph, target, amount, layers, score_fn, fold_bn)
+        plans, packed, whole = _plan_pruning(graph, target, amount, layers, score_fn, fold_bn)
         for plan in plans:
             pruner = graph.get_pruner_of_module(plan.root)
             if not graph.check_pruning_group(graph.get_pruning_group(plan.root, pruner.prune_out_channels, plan.idxs)):
@@ -608,6 +618,8 @@ def prune(
     if after.shape != before.shape:  # pragma: no cover - guards against a tracing surprise
         raise RuntimeError(f"Pruning changed the model's output shape from {tuple(before.shape)} to "
                            f"{tuple(after.shape)}; please report this model")
+    if whole and layers is None and not isinstance(amount, dict):
+        _warn_whole(whole)
     return target
 
 
