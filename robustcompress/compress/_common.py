@@ -41,7 +41,10 @@ class ChannelMask:
     feeds the spectral core as usual); the masked entries are zeroed in place
     before a forward pass whenever the parameter changed since the last
     zeroing (an optimizer step), and not otherwise, so a graph that saved
-    the weight is never invalidated by a second forward pass.
+    the weight is never invalidated by a second forward pass. Parameter
+    names may be dotted (``"self_attn.out_proj.weight"``): a hook on a parent
+    keeps the weights of a child whose own forward never runs (``out_proj``
+    inside ``nn.MultiheadAttention``) or is bypassed by a fused fast path.
     """
 
     def __init__(self, masks: dict[str, torch.Tensor]) -> None:
@@ -51,7 +54,7 @@ class ChannelMask:
     def zero_(self, module: nn.Module) -> None:
         with torch.no_grad():
             for pname, mask in self.masks.items():
-                p = getattr(module, pname)
+                p = module.get_parameter(pname)
                 if self._versions.get(pname) == p._version:
                     continue
                 if mask.device != p.device or mask.dtype != p.dtype:
@@ -74,12 +77,17 @@ def example_from(data: Any) -> torch.Tensor:
     raise ValueError("Expected data to hold at least one example")
 
 
-def default_example(model: nn.Module, example_inputs: Any) -> torch.Tensor:
-    """``example_inputs`` as given, or a zero input for models whose first layer is a Linear."""
+def default_example(model: nn.Module, example_inputs: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+    """``example_inputs`` as given (a tensor, or a dict of keyword tensors such as token ids),
+    or a zero input for models whose first layer is a Linear."""
     if example_inputs is not None:
-        if not isinstance(example_inputs, torch.Tensor) or not example_inputs.is_floating_point():
-            raise TypeError("Expected example_inputs to be a floating-point tensor (a batch of one or more "
-                            f"inputs), but got {type(example_inputs).__name__}")
+        if isinstance(example_inputs, dict) and example_inputs and all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in example_inputs.items()):
+            return example_inputs
+        if not isinstance(example_inputs, torch.Tensor):
+            raise TypeError("Expected example_inputs to be a tensor (a batch of one or more inputs; integer token "
+                            "ids are fine) or a dict of keyword tensors, but got "
+                            f"{type(example_inputs).__name__}")
         return example_inputs
     for module in model.modules():
         if isinstance(module, nn.Linear):

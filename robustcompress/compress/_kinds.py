@@ -4,6 +4,9 @@
   (:data:`PRUNABLE_LAYERS`; grouped convolutions only when depthwise,
   :func:`is_depthwise`, pruned with their producer) and which per-channel
   modules follow them (:data:`CHANNEL_MODULES`);
+* which modules prune refuses (:func:`prune_refusal`, from the layer
+  registry's prune rule: the kinds Torch-Pruning cannot cut) and which
+  attention blocks lose whole heads (:func:`~robustcompress.layers.attention.head_layout`);
 * which modules :func:`~robustcompress.compress.truncate` factorises and why
   one cannot be (:func:`truncation_refusal`);
 * the operator of a weight (:func:`operator_matrix`: transformers' ``Conv1D``
@@ -17,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import LowRankConv2d, LowRankLinear
+from ..layers import LowRankConv2d, LowRankLinear, layer_kind
+from ..layers.attention import head_layout
 
 #: layers whose output units (rows / filters) prune removes
 PRUNABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -40,6 +44,40 @@ def is_depthwise(module: nn.Module) -> bool:
     """A depthwise convolution (``groups == in_channels == out_channels > 1``): its channels follow its producer's."""
     return (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1
             and module.groups == module.in_channels == module.out_channels)
+
+
+def prune_refusal(name: str, module: nn.Module) -> str | None:
+    """Why :func:`~robustcompress.compress.prune` cannot handle ``module`` (None when it can).
+
+    Read from the layer registry's prune rule: ``"rows"`` kinds are pruned
+    when Torch-Pruning has a rule for them (Linear, Conv1d, Conv2d ungrouped or
+    depthwise); ``"heads"`` kinds when their Q/K/V/O are Linear layers or packed
+    ``nn.MultiheadAttention`` weights; ``"none"`` kinds left out of penalties
+    (Embedding) stay whole; every other kind (recurrent layers, LoRA adapters,
+    low-rank layers, transformers' ``Conv1D``, Conv3d, grouped convolutions) is refused.
+    """
+    kind = layer_kind(module)
+    if kind is None:
+        return None
+    label = f"layer {name!r} is a {type(module).__name__}"
+    if kind.prune == "rows":
+        if not isinstance(module, PRUNABLE_LAYERS):
+            return (f"{label}; Torch-Pruning has no rule for it (prune supports Linear, Conv1d and Conv2d "
+                    "among row-pruned layers)")
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1 and not is_depthwise(module):
+            return (f"prune supports ungrouped and depthwise convolutions only, but layer {name!r} has "
+                    f"groups={module.groups} with {module.in_channels} input and {module.out_channels} output channels")
+        return None
+    if kind.prune == "heads":
+        if head_layout(module) is None:
+            inner = sorted({type(c).__name__ for c in module.children() if list(c.parameters(recurse=False))})
+            return (f"{label} whose projections are {', '.join(inner) or 'packed weights'}, not nn.Linear layers; "
+                    "Torch-Pruning cannot split them into heads")
+        return None
+    if kind.prune == "none" and not kind.penalize:
+        return None  # a lookup table (Embedding): stays whole, with the features it is coupled to
+    hint = " (prune before truncating)" if isinstance(module, LOW_RANK) else ""
+    return (f"{label} (layer kind {kind.name!r}, prune rule {kind.prune!r}); Torch-Pruning cannot prune it{hint}")
 
 
 def is_truncatable_kind(module: nn.Module) -> bool:

@@ -40,7 +40,7 @@ def count_parameters(model: nn.Module) -> int:
     for module in model.modules():
         for _, hook in mask_hooks(module):
             for pname, mask in hook.masks.items():
-                masked[id(getattr(module, pname))] = int(mask.count_nonzero())
+                masked[id(module.get_parameter(pname))] = int(mask.count_nonzero())
     seen = {id(p): p for p in model.parameters()}
     return sum(masked.get(i, p.numel()) for i, p in seen.items())
 

@@ -10,6 +10,12 @@ is written here. ``mask_only=True`` keeps the shapes and zeroes the same slices
 instead (masks re-applied by forward pre-hooks): the same outputs as the
 physically pruned model, for quick measurement.
 
+Transformers: attention blocks whose layer kind prunes ``"heads"`` lose whole
+heads (head ``h``: rows ``h·d_h … (h+1)·d_h − 1`` of Q, K, V and the same
+columns of O; the block's head-count attributes are updated), feed-forward
+layers lose neurons, and the residual stream (features a LayerNorm, an
+Embedding or an attention block reads together) keeps its width.
+
 Example:
     >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     >>> pruned = prune(model, 0.5, example_inputs=torch.zeros(1, 8))
@@ -21,16 +27,20 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from .._checks import bool_arg, fraction, module_arg, norm_arg, positive_int
 from .._utils import eval_mode
+from ..layers import layer_kind
+from ..layers.attention import HeadLayout, head_layout, set_num_heads
 from ..metrics import as_matrix, row_norms, rows_for_energy
 from ._common import ChannelMask, all_require_grad, default_example, first_param, mask_hooks
-from ._kinds import CHANNEL_MODULES, LOW_RANK, PRUNABLE_LAYERS, bn_scale, is_depthwise
+from ._kinds import CHANNEL_MODULES, PRUNABLE_LAYERS, bn_scale, is_depthwise, prune_refusal
 
 __all__ = ["SensitivityImportance", "IMPORTANCES", "prune", "remove_masks", "amounts_for_energy"]
 
@@ -131,18 +141,10 @@ def _importance_arg(importance: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _check_prunable(model: nn.Module, mask_only: bool) -> None:
     for name, module in model.named_modules():
-        own = list(module.parameters(recurse=False))
-        if not own:
-            continue
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1 and not is_depthwise(module):
-            raise ValueError(f"prune supports ungrouped and depthwise convolutions only, but layer {name!r} has "
-                             f"groups={module.groups} with {module.in_channels} input and {module.out_channels} "
-                             "output channels")
-        if not isinstance(module, PRUNABLE_LAYERS + CHANNEL_MODULES):
-            hint = " (prune before truncating)" if isinstance(module, LOW_RANK) else ""
-            raise ValueError(f"prune supports models built of Linear, Conv1d, Conv2d (ungrouped or depthwise) and "
-                             "BatchNorm1d/2d "
-                             f"layers, but layer {name!r} is a {type(module).__name__}{hint}")
+        if list(module.parameters(recurse=False)) or layer_kind(module) is not None:
+            reason = prune_refusal(name, module)
+            if reason is not None:
+                raise ValueError(f"prune cannot handle this model: {reason}")
         if not mask_only and mask_hooks(module):
             raise ValueError(f"Layer {name!r} carries pruning masks (a mask_only=True result); prune the unmasked "
                              "model, or make the masks permanent with remove_masks(model) first")
@@ -160,10 +162,23 @@ def _amount_arg(amount: Any) -> float | dict[str, float]:
 
 
 class _Plan:
-    """One coupled channel group to prune: its root layer, the root indices to remove, its layer names."""
+    """One coupled channel group to prune: its root layer, the root indices to remove, its layer names.
 
-    def __init__(self, root: nn.Module, idxs: list[int], names: list[str], channels: int) -> None:
+    ``attention`` is ``(module, layout, heads removed)`` when the group is an
+    attention block's Q/K/V rows and O columns (whole heads are removed).
+    """
+
+    def __init__(self, root: nn.Module, idxs: list[int], names: list[str], channels: int,
+                 attention: tuple[nn.Module, HeadLayout, int] | None = None) -> None:
         self.root, self.idxs, self.names, self.channels = root, idxs, names, channels
+        self.attention = attention
+
+
+class _PackedHeads:
+    """Heads to remove from an ``nn.MultiheadAttention`` (packed Q/K/V; pruned by masks, not by Torch-Pruning)."""
+
+    def __init__(self, name: str, module: nn.MultiheadAttention, heads: list[int]) -> None:
+        self.name, self.module, self.heads = name, module, heads
 
 
 def _out_items(graph: Any, group: Any) -> list[tuple[nn.Module, list[int], list[int]]]:
@@ -173,6 +188,16 @@ def _out_items(graph: Any, group: Any) -> list[tuple[nn.Module, list[int], list[
         dep, idxs = item.dep, item.idxs
         if isinstance(dep.target.module, PRUNABLE_LAYERS) and graph.is_out_channel_pruning_fn(dep.handler):
             items.append((dep.target.module, list(idxs), list(item.root_idxs)))
+    return items
+
+
+def _in_items(graph: Any, group: Any) -> list[tuple[nn.Module, list[int], list[int]]]:
+    """(layer, layer indices, root indices) of every Linear whose *input columns* the group removes."""
+    items = []
+    for item in group:
+        dep = item.dep
+        if type(dep.target.module) is nn.Linear and graph.is_in_channel_pruning_fn(dep.handler):
+            items.append((dep.target.module, list(item.idxs), list(item.root_idxs)))
     return items
 
 
@@ -189,6 +214,18 @@ def _reaches_output(graph: Any, group: Any) -> bool:
     return False
 
 
+def _checked_scores(score_fn: Callable, rows: torch.Tensor, name: str) -> torch.Tensor:
+    scores = score_fn(rows)
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (rows.shape[0],):
+        raise ValueError(f"importance must return one score per row ({rows.shape[0]} for layer "
+                         f"{name!r}), but returned "
+                         f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
+    scores = scores.detach().double().cpu()
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"importance returned non-finite scores for layer {name!r}")
+    return scores
+
+
 def _group_scores(graph: Any, group: Any, score_fn: Callable, channels: int, fold_bn: bool,
                   names_of: Mapping[nn.Module, str]) -> torch.Tensor:
     """Importance per root channel: the scores of the coupled layers' rows, added."""
@@ -202,32 +239,97 @@ def _group_scores(graph: Any, group: Any, score_fn: Callable, channels: int, fol
             s = bn_scale(bn) if bn is not None else None
             if s is not None:
                 rows = rows * s.cpu()[:, None]
-        scores = score_fn(rows)
-        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (rows.shape[0],):
-            raise ValueError(f"importance must return one score per row ({rows.shape[0]} for layer "
-                             f"{names_of[layer]!r}), but returned "
-                             f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
-        scores = scores.detach().double().cpu()
-        if not bool(torch.isfinite(scores).all()):
-            raise ValueError(f"importance returned non-finite scores for layer {names_of[layer]!r}")
+        scores = _checked_scores(score_fn, rows, names_of[layer])
         total.index_add_(0, torch.tensor(root_idxs), scores[torch.tensor(idxs)])
     return total
 
 
+def _head_scores(graph: Any, group: Any, score_fn: Callable, layout: HeadLayout,
+                 names_of: Mapping[nn.Module, str]) -> torch.Tensor:
+    """Importance per head: the scores of its Q/K/V rows and of its O columns (rows of Oᵀ), added."""
+    total = _group_scores(graph, group, score_fn, layout.heads * layout.head_dim, False, names_of)
+    for layer, idxs, root_idxs in _in_items(graph, group):
+        scores = _checked_scores(score_fn, layer.weight.detach().double().cpu().T, names_of[layer])
+        total.index_add_(0, torch.tensor(root_idxs), scores[torch.tensor(idxs)])
+    return rearrange(total, "(h d) -> h d", h=layout.heads).sum(1)
+
+
+def _packed_head_scores(m: nn.MultiheadAttention, score_fn: Callable, name: str) -> torch.Tensor:
+    """Head importance of an ``nn.MultiheadAttention``: its Q/K/V row blocks and ``out_proj`` columns."""
+    e = m.embed_dim
+    if m._qkv_same_embed_dim:
+        qkv = [m.in_proj_weight[i * e:(i + 1) * e] for i in range(3)]
+    else:
+        qkv = [m.q_proj_weight, m.k_proj_weight, m.v_proj_weight]
+    total = torch.zeros(e, dtype=torch.float64)
+    for w, label in zip(qkv + [m.out_proj.weight.T], ("q", "k", "v", "out_proj")):
+        total += _checked_scores(score_fn, w.detach().double().cpu(), f"{name}.{label}")
+    return rearrange(total, "(h d) -> h d", h=m.num_heads).sum(1)
+
+
+def _lowest(scores: torch.Tensor, n_remove: int) -> list[int]:
+    return sorted(int(i) for i in torch.sort(scores, stable=True).indices[:n_remove])
+
+
+def _n_remove(a: float, units: int) -> int:
+    return min(units - 1, int(math.floor(a * units + 1e-6)))
+
+
+def _attention_blocks(model: nn.Module) -> tuple[dict[nn.Module, tuple[str, nn.Module, HeadLayout]],
+                                                  list[tuple[str, nn.Module, HeadLayout]]]:
+    """Blocks whose layer kind prunes heads: ``{projection Linear: block}`` and the packed ones."""
+    by_projection, packed = {}, []
+    for name, module in model.named_modules():
+        kind = layer_kind(module)
+        if kind is None or kind.prune != "heads":
+            continue
+        layout = head_layout(module)
+        if layout.projections is None:
+            packed.append((name, module, layout))
+        else:
+            for path in layout.projections:
+                by_projection[module.get_submodule(path)] = (name, module, layout)
+    return by_projection, packed
+
+
 def _plan_pruning(graph: Any, model: nn.Module, amount: float | dict[str, float], layers: Sequence[str] | None,
-                  score_fn: Callable, fold_bn: bool) -> list[_Plan]:
+                  score_fn: Callable, fold_bn: bool) -> tuple[list[_Plan], list[_PackedHeads], dict[str, str]]:
     names_of = {m: n for n, m in model.named_modules()}
     named = dict(model.named_modules())
+    by_projection, packed = _attention_blocks(model)
     groups = []
     head_names: set[str] = set()
-    prunable: set[str] = set()
+    prunable: set[str] = {name for name, _, _ in packed}
+    whole: dict[str, str] = {}
     for group in graph.get_all_groups(root_module_types=PRUNABLE_LAYERS):
         outs = [names_of[m] for m, _, _ in _out_items(graph, group)]
         if _reaches_output(graph, group):
             head_names.update(outs)
-        else:
+            continue
+        real = list(dict.fromkeys(item.dep.target.module for item in group if item.dep.target.module in names_of))
+        other = [m for m in real if not isinstance(m, PRUNABLE_LAYERS + CHANNEL_MODULES)]
+        if other:
+            # A LayerNorm, Embedding or attention module reads these features together (the residual
+            # stream of a transformer): removing one would change the others' outputs, so they stay.
+            reason = (f"coupled with {names_of[other[0]]!r} ({type(other[0]).__name__}), which prune keeps "
+                      "whole (the features a normalisation, embedding or attention block reads together)")
+            whole.update((n, reason) for n in outs)
+            continue
+        blocks = list(dict.fromkeys(by_projection[m][0] for m in real if m in by_projection))
+        if not blocks:
             prunable.update(outs)
-            groups.append((group, outs))
+            groups.append((group, outs, None))
+            continue
+        aname, block, layout = next(v for v in by_projection.values() if v[0] == blocks[0])
+        q, k, v, o = (block.get_submodule(p) for p in layout.projections)
+        ok = (len(blocks) == 1 and {q, k, v} <= {m for m, _, _ in _out_items(graph, group)}
+              and o in {m for m, _, _ in _in_items(graph, group)} and len(group[0].idxs) == layout.heads * layout.head_dim)
+        if not ok:
+            reason = f"coupled with attention block(s) {blocks} in a way that does not split into whole heads"
+            whole.update((n, reason) for n in outs)
+            continue
+        prunable.update(outs + [aname])
+        groups.append((group, outs + [aname], (aname, block, layout)))
 
     asked = list(layers or []) + (list(amount) if isinstance(amount, dict) else [])
     for name in asked:
@@ -236,47 +338,84 @@ def _plan_pruning(graph: Any, model: nn.Module, amount: float | dict[str, float]
         if name in head_names:
             raise ValueError(f"Layer {name!r} produces the model's output (the classifier head: its output rows "
                              "are the classes); its outputs cannot be pruned")
+        if name in prunable:
+            continue
+        if name in whole:
+            raise ValueError(f"Layer {name!r} cannot be pruned: its outputs are {whole[name]}")
         if not isinstance(named[name], PRUNABLE_LAYERS):
             raise ValueError(f"Layer {name!r} is a {type(named[name]).__name__}; only the output units of "
-                             "Linear, Conv1d and Conv2d layers can be pruned")
-        if name not in prunable:
-            raise ValueError(f"Layer {name!r} was not reached when tracing the model with example_inputs; "
-                             f"prunable layers: {sorted(prunable)}")
+                             "Linear, Conv1d and Conv2d layers and the heads of attention blocks can be pruned")
+        raise ValueError(f"Layer {name!r} was not reached when tracing the model with example_inputs; "
+                         f"prunable layers: {sorted(prunable)}")
+
+    def amount_for(names: list[str]) -> float | None:
+        if layers is not None and not set(names) & set(layers):
+            return None
+        if isinstance(amount, dict):
+            asked_here = [amount[n] for n in names if n in amount]
+            # Coupled layers share their channels: remove the least any of them asked for.
+            return min(asked_here) if asked_here else None
+        return amount
 
     plans = []
-    for group, outs in groups:
-        if layers is not None and not set(outs) & set(layers):
+    for group, outs, attention in groups:
+        a = amount_for(outs)
+        if a is None:
             continue
-        if isinstance(amount, dict):
-            asked_here = [amount[n] for n in outs if n in amount]
-            if not asked_here:
-                continue
-            # Coupled layers share their channels: remove the least any of them asked for.
-            a = min(asked_here)
-        else:
-            a = amount
         channels = len(group[0].idxs)
-        n_remove = min(channels - 1, int(math.floor(a * channels + 1e-6)))
+        if attention is not None:
+            _, block, layout = attention
+            n_remove = _n_remove(a, layout.heads)
+            if n_remove <= 0:
+                continue
+            heads = _lowest(_head_scores(graph, group, score_fn, layout, names_of), n_remove)
+            idxs = [h * layout.head_dim + j for h in heads for j in range(layout.head_dim)]
+            plans.append(_Plan(group[0].dep.target.module, idxs, outs, channels, (block, layout, n_remove)))
+            continue
+        n_remove = _n_remove(a, channels)
         if n_remove <= 0:
             continue
         scores = _group_scores(graph, group, score_fn, channels, fold_bn, names_of)
-        order = torch.sort(scores, stable=True).indices
-        idxs = sorted(int(i) for i in order[:n_remove])
-        plans.append(_Plan(group[0].dep.target.module, idxs, outs, channels))
-    return plans
+        plans.append(_Plan(group[0].dep.target.module, _lowest(scores, n_remove), outs, channels))
+    packed_plans = []
+    for name, module, layout in packed:
+        a = amount_for([name])
+        if a is None:
+            continue
+        n_remove = _n_remove(a, layout.heads)
+        if n_remove > 0:
+            heads = _lowest(_packed_head_scores(module, score_fn, name), n_remove)
+            packed_plans.append(_PackedHeads(name, module, heads))
+    return plans, packed_plans, whole
 
 
-def _apply_masks(graph: Any, plans: Sequence[_Plan]) -> None:
+def _warn_whole(whole: Mapping[str, str]) -> None:
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in whole.items():
+        by_reason.setdefault(reason, []).append(name)
+    lines = "; ".join(f"{', '.join(repr(n) for n in names)}: {reason}" for reason, names in by_reason.items())
+    warnings.warn(f"prune keeps {len(whole)} layer(s) at full width — {lines}", stacklevel=3)
+
+
+def _param_or_none(module: nn.Module, pname: str) -> torch.Tensor | None:
+    owner_name, _, attr = pname.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    return getattr(owner, attr, None)
+
+
+def _apply_masks(graph: Any, model: nn.Module, plans: Sequence[_Plan], packed: Sequence[_PackedHeads]) -> None:
     """Zero the pruned rows and every dependent slice, and keep them zero with mask hooks.
 
     A pruned channel's outputs become 0 and every consumer's input columns for
     it are masked, so nothing downstream reads it: the outputs equal those of
-    the physically pruned model (up to summation order).
+    the physically pruned model (up to summation order). A removed head's
+    Q/K/V rows and O columns are zeroed: its logits are 0 (uniform weights)
+    and its values, and what O reads of them, are 0.
     """
     masks: dict[nn.Module, dict[str, torch.Tensor]] = {}
 
     def zero(module: nn.Module, pname: str, idxs: list[int], dim: int) -> None:
-        param = getattr(module, pname, None)
+        param = _param_or_none(module, pname)
         if param is None:
             return
         per_module = masks.setdefault(module, {})
@@ -301,6 +440,21 @@ def _apply_masks(graph: Any, plans: Sequence[_Plan]) -> None:
             elif isinstance(module, CHANNEL_MODULES) and module.affine:
                 zero(module, "weight", idxs, 0)
                 zero(module, "bias", idxs, 0)
+    for plan in packed:
+        m, e, dh = plan.module, plan.module.embed_dim, plan.module.head_dim
+        rows = [h * dh + j for h in plan.heads for j in range(dh)]
+        # The hook sits on the block's parent: out_proj's own forward never runs, and
+        # TransformerEncoderLayer's fused inference path reads the weights without calling the block.
+        parent, _, child = plan.name.rpartition(".")
+        holder = model.get_submodule(parent) if plan.name else model
+        prefix = f"{child}." if plan.name else ""
+        if m._qkv_same_embed_dim:
+            zero(holder, prefix + "in_proj_weight", [r + i * e for i in range(3) for r in rows], 0)
+        else:
+            for x in "qkv":
+                zero(holder, f"{prefix}{x}_proj_weight", rows, 0)
+        zero(holder, prefix + "in_proj_bias", [r + i * e for i in range(3) for r in rows], 0)
+        zero(holder, prefix + "out_proj.weight", rows, 1)
     for module, per_module in masks.items():
         existing = mask_hooks(module)
         if existing:  # masking a masked model again: combine with the masks already there
@@ -312,6 +466,24 @@ def _apply_masks(graph: Any, plans: Sequence[_Plan]) -> None:
             hook = ChannelMask(per_module)
             module.register_forward_pre_hook(hook)
         hook.zero_(module)
+
+
+def _output_tensor(out: Any) -> torch.Tensor:
+    """The tensor a model's output carries: itself, its ``logits`` / ``last_hidden_state``, or a tuple's first."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        value = out.get(key) if isinstance(out, Mapping) else getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"prune reads the model's output as a tensor, a ModelOutput with logits or a tuple, but the "
+                    f"model returned {type(out).__name__}")
+
+
+def _run(model: nn.Module, example: Any) -> torch.Tensor:
+    return _output_tensor(model(**example) if isinstance(example, dict) else model(example))
 
 
 def prune(
@@ -336,14 +508,40 @@ def prune(
     classifier head's outputs (the channels that reach the model output) are
     never pruned.
 
+    Attention heads: in a block with ``H`` heads of size ``d_h``, head ``h``
+    scores ``Σ_{i ∈ h} [s(q_i) + s(k_i) + s(v_i) + s(o_{:,i})]`` — the
+    importance ``s`` of its ``d_h`` rows of ``W_Q``, ``W_K``, ``W_V`` and of
+    its ``d_h`` columns of ``W_O`` (so ``"l2"`` adds their Euclidean norms,
+    ``"l1"`` their ℓ₁ norms) — and the ``⌊amount·H + 10⁻⁶⌋`` lowest heads (at
+    most ``H − 1``) go whole. BERT/ViT-style blocks (separate Q/K/V/O
+    ``nn.Linear``) are cut by Torch-Pruning, and ``num_attention_heads`` /
+    ``all_head_size`` (``num_heads``, ``inner_dim``) are updated on the block
+    (the shared config is not: layers may now differ). ``nn.MultiheadAttention``
+    heads are removed in ``mask_only`` mode only (its inner width is tied to
+    ``embed_dim``). A removed head's Q/K/V rows and O columns are zero in
+    ``mask_only`` mode, so its output is exactly 0, as when it is cut out.
+    Features that a LayerNorm, an Embedding or an attention block reads
+    together (a transformer's residual stream) are left at full width: zeroing
+    one would change the normalisation of the others; a warning lists the
+    layers so kept (when no ``layers`` or per-layer ``amount`` was given). Modules refused, by
+    their layer kind's prune rule: transformers' ``Conv1D`` and GPT-2
+    attention, Conv3d, grouped (non-depthwise) convolutions, recurrent layers,
+    LoRA adapters and low-rank layers.
+
     Args:
-        model: a network of Linear, Conv1d, Conv2d (groups=1) and BatchNorm1d/2d
-            layers (plus parameter-free modules and functions).
-        amount: fraction of units removed per layer, in ``[0, 1)``, or a
-            ``{layer name: fraction}`` mapping (unnamed layers are kept; coupled
-            layers take the smallest fraction asked for any of them).
-        example_inputs: one input batch to trace the model with; inferred
-            (zeros) when the first layer is a Linear.
+        model: a network of Linear, Conv1d, Conv2d (ungrouped or depthwise),
+            BatchNorm1d/2d, LayerNorm, Embedding and attention layers (BERT- and
+            ViT-style blocks, ``nn.MultiheadAttention``), plus parameter-free
+            modules and functions.
+        amount: fraction of units (neurons, channels, heads) removed per layer,
+            in ``[0, 1)``, or a ``{layer name: fraction}`` mapping (unnamed
+            layers are kept; an attention block is named by its module or any of
+            its Q/K/V layers; coupled layers take the smallest fraction asked
+            for any of them).
+        example_inputs: one input batch to trace the model with: a tensor
+            (integer token ids are fine) or a dict of keyword tensors
+            (``model(**example_inputs)``); inferred (zeros) when the first layer
+            is a Linear. A ``ModelOutput`` is read through its ``logits``.
         importance: ``"l2"`` (row norm ``‖w_i‖₂``, default), ``"l1"``
             (``‖w_i‖₁``, the L∞ gain), ``"sensitivity"`` /
             ``"sensitivity-linf"`` (:class:`SensitivityImportance` for L2 / L∞),
@@ -362,6 +560,11 @@ def prune(
         >>> small = prune(model, 0.25)
         >>> [m.out_features for m in small if isinstance(m, nn.Linear)]
         [12, 12, 3]
+        >>> enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 4, 16, batch_first=True), 1,
+        ...                             enable_nested_tensor=False)
+        >>> masked = prune(enc, 0.5, example_inputs=torch.zeros(1, 3, 8), mask_only=True)
+        >>> int((masked.layers[0].self_attn.out_proj.weight == 0).all(0).sum())   # 2 of 4 heads, 2 columns each
+        4
     """
     model = module_arg(model)
     amount = _amount_arg(amount)
@@ -377,7 +580,8 @@ def prune(
     example = default_example(model, example_inputs)
     first = first_param(model)
     if first is not None:
-        example = example.to(first.device)
+        example = ({k: v.to(first.device) for k, v in example.items()} if isinstance(example, dict)
+                   else example.to(first.device))
     try:
         import torch_pruning as tp
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -385,27 +589,37 @@ def prune(
 
     target = model if inplace else copy.deepcopy(model)
     with eval_mode(target), all_require_grad(target):
-        graph = tp.DependencyGraph().build_dependency(target, example_inputs=example, verbose=False)
+        graph = tp.DependencyGraph().build_dependency(target, example_inputs=example, verbose=False,
+                                                      output_transform=_output_tensor)
         with torch.no_grad():
-            before = target(example)
+            before = _run(target, example)
         # Everything is planned and checked before the first change, so a failure leaves the model whole.
-        plans = _plan_pruning(graph, target, amount, layers, score_fn, fold_bn)
+        plans, packed, whole = _plan_pruning(graph, target, amount, layers, score_fn, fold_bn)
         for plan in plans:
             pruner = graph.get_pruner_of_module(plan.root)
             if not graph.check_pruning_group(graph.get_pruning_group(plan.root, pruner.prune_out_channels, plan.idxs)):
                 raise ValueError(f"Pruning {len(plan.idxs)} of {plan.channels} channels of {plan.names} would "
                                  "empty a coupled layer; use a smaller amount")
+        if packed and not mask_only:
+            raise ValueError(f"nn.MultiheadAttention {packed[0].name!r}: its heads cannot be removed physically "
+                             "(its inner width is tied to embed_dim, and Torch-Pruning's rule for it narrows "
+                             "embed_dim instead); use mask_only=True, or restrict layers= to the feed-forward layers")
         if mask_only:
-            _apply_masks(graph, plans)
+            _apply_masks(graph, target, plans, packed)
         else:
             for plan in plans:
                 pruner = graph.get_pruner_of_module(plan.root)
                 graph.get_pruning_group(plan.root, pruner.prune_out_channels, plan.idxs).prune()
+                if plan.attention is not None:
+                    block, layout, removed = plan.attention
+                    set_num_heads(block, layout.heads - removed)
         with torch.no_grad():
-            after = target(example)
+            after = _run(target, example)
     if after.shape != before.shape:  # pragma: no cover - guards against a tracing surprise
         raise RuntimeError(f"Pruning changed the model's output shape from {tuple(before.shape)} to "
                            f"{tuple(after.shape)}; please report this model")
+    if whole and layers is None and not isinstance(amount, dict):
+        _warn_whole(whole)
     return target
 
 

@@ -37,13 +37,15 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 from .builtin import weight_of
 from .registry import LayerKind, LayerView, ViewOptions, layer_kind, register_layer_kind
 from .specs import LowRankSpec, MatrixSpec, Spec, slice_cols, slice_rows
 
-__all__ = ["attention_views"]
+__all__ = ["attention_views", "HeadLayout", "head_layout", "set_num_heads"]
 
 _GPT2_ATTENTION = "transformers.models.gpt2.modeling_gpt2.GPT2Attention"
 #: HF attention modules with separate Q/K/V/O Linear submodules (circuits mode only).
@@ -193,6 +195,72 @@ def _separate_views(m: nn.Module, options: ViewOptions) -> list[LayerView]:
             views.append(LayerView(full, view.spec, tuple(f"{name}.{p}" for p in view.params),
                                    penalize=kind.penalize and view.penalize))
     return views
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where one attention block's heads lie, for structured pruning (the ``"heads"`` prune rule).
+
+    Head ``h`` owns rows ``h·d_h … (h+1)·d_h − 1`` of Q, K and V and the same
+    columns of O. ``projections`` are the submodule paths of the Q, K, V, O
+    ``nn.Linear`` layers; ``None`` for ``nn.MultiheadAttention``, whose Q/K/V
+    are row blocks of ``in_proj_weight`` (or ``q/k/v_proj_weight``) and O is ``out_proj``.
+    """
+
+    projections: tuple[str, str, str, str] | None
+    heads: int
+    head_dim: int
+
+
+def head_layout(module: nn.Module) -> HeadLayout | None:
+    """The head layout of an attention block of a ``"heads"`` kind (None when its projections are not Linear).
+
+    GPT-2's attention returns None: its Q/K/V are one transformers ``Conv1D``,
+    which structured pruning cannot split.
+
+    Example:
+        >>> head_layout(nn.MultiheadAttention(8, 2))
+        HeadLayout(projections=None, heads=2, head_dim=4)
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        return HeadLayout(None, module.num_heads, module.head_dim)
+    kind = layer_kind(module)
+    if kind is not HF_ATTENTION:
+        return None
+    paths = _separate_paths(module)
+    if not all(type(module.get_submodule(p)) is nn.Linear for p in paths):
+        return None
+    dh = _head_dim(module)
+    return HeadLayout(paths, module.get_submodule(paths[0]).out_features // dh, dh)
+
+
+def set_num_heads(module: nn.Module, heads: int) -> None:
+    """Record a new head count on an attention block after heads were removed (its head size unchanged).
+
+    Updates the attributes transformers' attention blocks read
+    (``num_attention_heads``, ``num_heads``, ``all_head_size``, ``inner_dim``
+    on the block and its ``self`` submodule); the shared model config is left
+    alone, since layers may now differ in their head counts.
+
+    Example:
+        >>> class Block(nn.Module):
+        ...     num_attention_heads, attention_head_size, all_head_size = 4, 8, 32
+        >>> b = Block(); set_num_heads(b, 3); (b.num_attention_heads, b.all_head_size)
+        (3, 24)
+    """
+    dh = None
+    for owner in (module, getattr(module, "self", None)):
+        if owner is None:
+            continue
+        for attr in ("head_dim", "attention_head_size", "key_value_proj_dim"):
+            if isinstance(getattr(owner, attr, None), int):
+                dh = getattr(owner, attr)
+        for attr in ("num_attention_heads", "num_heads", "n_heads"):
+            if isinstance(getattr(owner, attr, None), int):
+                setattr(owner, attr, heads)
+        for attr in ("all_head_size", "inner_dim"):
+            if isinstance(getattr(owner, attr, None), int) and dh is not None:
+                setattr(owner, attr, heads * dh)
 
 
 def _claims_in_circuits(module: nn.Module, options: ViewOptions) -> bool:
