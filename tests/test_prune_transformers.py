@@ -273,3 +273,12 @@ def test_masked_encoder_counts_and_separate_projections():
         ref.attn.out_proj.weight[:, removed] = 0
         # a removed head's value path reaches nothing once O's columns are 0, whatever its biases
         torch.testing.assert_close(masked(q), ref(q), rtol=0, atol=1e-6)
+
+
+def test_llama_attention_is_refused_instead_of_hanging():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="LlamaAttention.*did not finish"):
+        prune(model, 0.25, example_inputs=torch.randint(0, 50, (1, 8)))

@@ -46,6 +46,10 @@ def is_depthwise(module: nn.Module) -> bool:
             and module.groups == module.in_channels == module.out_channels)
 
 
+#: Attention classes on which Torch-Pruning 1.6's grouping never finished (measured on a tiny config).
+_GRAPH_DOES_NOT_FINISH = frozenset({"LlamaAttention"})
+
+
 def prune_refusal(name: str, module: nn.Module) -> str | None:
     """Why :func:`~robustcompress.compress.prune` cannot handle ``module`` (None when it can).
 
@@ -69,6 +73,9 @@ def prune_refusal(name: str, module: nn.Module) -> str | None:
                     f"groups={module.groups} with {module.in_channels} input and {module.out_channels} output channels")
         return None
     if kind.prune == "heads":
+        if type(module).__name__ in _GRAPH_DOES_NOT_FINISH:
+            return (f"{label}; Torch-Pruning's dependency graph did not finish on this attention (rotary "
+                    "position embeddings) within 300 s, so prune refuses it rather than hang")
         if head_layout(module) is None:
             inner = sorted({type(c).__name__ for c in module.children() if list(c.parameters(recurse=False))})
             return (f"{label} whose projections are {', '.join(inner) or 'packed weights'}, not nn.Linear layers; "
