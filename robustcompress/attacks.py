@@ -44,6 +44,7 @@ from torch import nn
 from ._checks import (attack_input, bool_arg, domain_arg, eps_arg, float_tensor, fraction, labels_arg, module_arg,
                       nonnegative_float, nonnegative_int, norm_arg, positive_float, positive_int, seed_arg)
 from ._utils import batches, eval_mode, logits_of, model_device, num_batches, to_device
+from .layers import MatrixSpec, layer_kind, layer_views
 
 __all__ = [
     "fgsm",
@@ -679,13 +680,20 @@ def universal_perturbation(
 # --------------------------------------------------------------------------- sensitive directions
 
 
-def _first_layer(model: nn.Module) -> tuple[str, nn.Module]:
+def _first_layer(model: nn.Module) -> tuple[str, nn.Module, MatrixSpec]:
+    """The first weight-bearing module: a Linear or Conv1d/2d (by its registry kind), else a clear error."""
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            return name, m
-        if isinstance(m, (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Embedding)):
-            raise ValueError(f"The first layer {name!r} is a {type(m).__name__}, which is not supported; "
-                             "use source='jacobian'")
+        kind = layer_kind(m)
+        if kind is None:
+            if any(p.dim() >= 2 for p in m.parameters(recurse=False)):
+                raise ValueError(f"The first layer {name!r} is a {type(m).__name__}, which is not supported; "
+                                 "use source='jacobian'")
+            continue
+        spec = layer_views(m)[0].spec if kind.name in ("linear", "conv") else None
+        if spec is not None and (spec.conv is None or spec.conv.dims in (1, 2)):
+            return name, m, spec
+        raise ValueError(f"The first layer {name!r} is a {type(m).__name__} (layer kind {kind.name!r}), which is "
+                         "not supported; use source='jacobian'")
     raise ValueError("Expected the model to contain a Linear, Conv1d or Conv2d layer for source='first_layer'")
 
 
@@ -754,9 +762,9 @@ def _directions(model, x, k, source, n_iter, layer, seed, per_example):
     if source == "first_layer":
         if layer is not None:
             raise ValueError("layer= applies to source='jacobian' only")
-        name, m = _first_layer(model)
-        if isinstance(m, nn.Linear):
-            w = m.weight.detach()
+        name, m, spec = _first_layer(model)
+        if spec.conv is None:
+            w = spec.matrix().detach()
             if k > min(w.shape):
                 raise ValueError(f"Expected k <= {min(w.shape)} (rank bound of layer {name!r}), but got k={k}")
             vh = torch.linalg.svd(w.double(), full_matrices=False).Vh[:k]
@@ -772,10 +780,12 @@ def _directions(model, x, k, source, n_iter, layer, seed, per_example):
 
         def op(u):
             # the layer's linear part: its output minus the bias (any padding mode)
-            return m._conv_forward(u, m.weight.detach(), None)
+            return spec.conv.apply(u, weight)
+
+        weight = spec.weight().detach()
 
         def gram(v):
-            cols = v[0].T.reshape(k, *shape).to(m.weight.dtype)
+            cols = v[0].T.reshape(k, *shape).to(weight.dtype)
             y, pull = torch.func.vjp(op, cols)
             return pull(y)[0].reshape(k, dim).T[None].to(v)
 

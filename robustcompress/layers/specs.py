@@ -42,7 +42,9 @@ __all__ = [
     "LowRankSpec",
     "LoRASpec",
     "Spec",
+    "BATCHNORM_TYPES",
     "batchnorm_scale",
+    "is_batchnorm",
     "with_row_scale",
     "check_spec",
     "slice_rows",
@@ -225,7 +227,21 @@ class LoRASpec:
 Spec = Union[MatrixSpec, LowRankSpec, LoRASpec]
 
 
-def batchnorm_scale(bn: nn.Module) -> torch.Tensor:
+#: The normalisations that fold into the layer before them as ``diag(s)`` (eval mode).
+BATCHNORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, lazy variants).
+
+    Example:
+        >>> is_batchnorm(nn.BatchNorm2d(3)), is_batchnorm(nn.LayerNorm(3))
+        (True, False)
+    """
+    return isinstance(module, BATCHNORM_TYPES)
+
+
+def batchnorm_scale(bn: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-channel scale ``|γ| / √(running_var + ε)`` of an eval-mode BatchNorm (``|γ| = 1`` without affine).
 
     The eval-mode BatchNorm after a linear layer ``W`` applies
@@ -235,6 +251,8 @@ def batchnorm_scale(bn: nn.Module) -> torch.Tensor:
 
     Args:
         bn: a ``BatchNorm1d/2d/3d`` that tracks running statistics.
+        dtype: compute in this dtype (the statistics are converted first; the
+            certified bound asks for ``torch.float64``); default: theirs.
 
     Returns:
         A 1-D tensor of length ``num_features`` (differentiable in ``γ``).
@@ -243,14 +261,19 @@ def batchnorm_scale(bn: nn.Module) -> torch.Tensor:
         >>> bn = nn.BatchNorm1d(3).eval()
         >>> batchnorm_scale(bn)
         tensor([1.0000, 1.0000, 1.0000], grad_fn=<MulBackward0>)
+        >>> batchnorm_scale(bn, torch.float64).dtype
+        torch.float64
     """
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+    if not is_batchnorm(bn):
         raise TypeError(f"Expected a BatchNorm module, but got {type(bn).__name__}")
     if bn.running_var is None:
         raise ValueError("Expected a BatchNorm that tracks running statistics (track_running_stats=True), "
                          "but its running_var is None")
-    s = torch.rsqrt(bn.running_var + bn.eps)
-    return s if bn.weight is None else bn.weight.abs() * s
+    var = bn.running_var if dtype is None else bn.running_var.to(dtype)
+    s = torch.rsqrt(var + bn.eps)
+    if bn.weight is None:
+        return s
+    return (bn.weight if dtype is None else bn.weight.to(dtype)).abs() * s
 
 
 def with_row_scale(spec: Spec, row_scale: Callable[[], torch.Tensor]) -> Spec:

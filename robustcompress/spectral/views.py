@@ -33,8 +33,6 @@ from torch import nn
 
 from ..layers import (
     LoRASpec,
-    LowRankConv2d,
-    LowRankLinear,
     LowRankSpec,
     MatrixSpec,
     batchnorm_scale,
@@ -52,11 +50,7 @@ __all__ = [
     "matrix_view",
     "conv_operator",
     "operator_for",
-    "SUPPORTED_LAYERS",
 ]
-
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, LowRankLinear, LowRankConv2d)
-
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Half-precision weights are iterated in float32: the Gram matrices of
