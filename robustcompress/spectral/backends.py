@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
+from .. import kernels
 from .views import LinearOperator, MatrixView
 
 __all__ = ["ProductBackend", "TorchBackend", "FusedBackend", "BATCH_MAX_NUMEL", "ONE_READ_MIN_NUMEL"]
@@ -176,8 +177,6 @@ class FusedBackend(ProductBackend):
                 raise RuntimeError("backend='triton' but no layer is one the kernel runs: an ungrouped matrix view "
                                    "with float32, bfloat16 or float16 weights")
             return {}
-        from .. import kernels
-
         if not kernels.triton_available(ops[eligible[0]].device):
             if self.strict:
                 raise RuntimeError("backend='triton' requested but Triton is not available for these tensors "
