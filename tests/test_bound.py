@@ -494,19 +494,6 @@ def test_bad_input_is_a_clear_error():
         lipschitz_bound(Branchy(), (2,))
 
 
-def test_docstring_examples_run():
-    import doctest
-    import importlib
-    import pkgutil
-
-    import robustcompress.bound as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        mod = importlib.import_module(f"robustcompress.bound.{info.name}")
-        assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0, info.name
-    assert doctest.testmod(pkg, optionflags=doctest.ELLIPSIS).failed == 0
-
-
 def test_linear_on_a_sequence_is_not_folded_with_batchnorm_over_the_sequence_axis():
     # Linear acts on the last axis of (N, L, F); BatchNorm1d scales axis 1 (L).
     # Folding diag(s)·W would give σ₁(diag(s)·W) = 100 here; the operator's norm is max(s)·σ₁(W) = 1000.

@@ -215,13 +215,6 @@ def test_bad_arguments_to_the_functions():
         demo.run_demo({"epochs": 1}, "out")
 
 
-def test_docstring_examples_run():
-    import doctest
-
-    failures, tried = doctest.testmod(demo, optionflags=doctest.ELLIPSIS)
-    assert tried >= 5 and failures == 0
-
-
 @settings(max_examples=10)
 @given(rank=st.integers(1, 12), seed=st.integers(0, 2**16))
 def test_to_dense_matches_every_rank_and_seed(rank, seed):

@@ -286,11 +286,3 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(TypeError, match="SpectralState or an nn.Module"):
         layer_metrics(torch.eye(2), "0")
     assert as_matrix(torch.zeros(4, 2, 3, 3)).shape == (4, 18)
-
-
-def test_docstring_examples_run():
-    import doctest
-
-    import robustcompress.metrics as mod
-
-    assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0
