@@ -168,6 +168,8 @@ class RowL1Cap(Projection):
     def __init__(self, state_or_model, max_l1: float, **kwargs):
         super().__init__(state_or_model, **kwargs)
         self.max_l1 = positive_float(max_l1, "max_l1")
+        for name in self.names:
+            _row_weight(self._state, name)  # a clear error now rather than at the first step
 
     def project_(self, name):
         r = self._rows(name).abs().sum(1)
