@@ -138,10 +138,11 @@ class MatrixSpec:
     def matrix(self) -> torch.Tensor:
         """``M`` without the row scale: a strided view of the stored weight (a copy only for ``groups > 1``)."""
         if self.groups == 1:
-            return self._sliced()
+            return self.sliced()
         return torch.block_diag(*self.blocks().unbind(0))
 
-    def _sliced(self) -> torch.Tensor:
+    def sliced(self) -> torch.Tensor:
+        """``M`` before the block-diagonal layout of groups: ``(W or Wᵀ)[rows, cols]``, a strided view."""
         m = _orient(self.weight(), self.transpose)
         if self.rows is not None:
             m = m[self.rows]
@@ -151,12 +152,12 @@ class MatrixSpec:
 
     def blocks(self) -> torch.Tensor:
         """The ``g × (m/g) × n_g`` diagonal blocks (a view; ``g = 1``: ``1 × m × n``)."""
-        return rearrange(self._sliced(), "(g o) n -> g o n", g=self.groups)
+        return rearrange(self.sliced(), "(g o) n -> g o n", g=self.groups)
 
     @property
     def shape(self) -> tuple[int, int]:
         """``(m, n)`` of the operator (``n = groups · n_g``)."""
-        m, n = self._sliced().shape
+        m, n = self.sliced().shape
         return m, n * self.groups
 
     @property
@@ -315,7 +316,7 @@ def check_spec(spec: Spec, where: str) -> tuple[int, int]:
                                      f"shape {tuple(full)} (stored shape {tuple(w.shape)})")
         if spec.groups < 1 or (spec.groups > 1 and (spec.rows is not None or spec.cols is not None)):
             raise ValueError(f"{where}: groups must be ≥ 1 and cannot be combined with slices, but got groups={spec.groups}")
-        m = spec._sliced().shape[0]
+        m = spec.sliced().shape[0]
         if m % spec.groups:
             raise ValueError(f"{where}: {m} rows are not divisible by groups={spec.groups}")
         shape = spec.shape

@@ -132,7 +132,7 @@ def _blocked_products(op: MatrixView, v: torch.Tensor) -> tuple[torch.Tensor, to
     w = op.spec.matrix()
     m, n = w.shape
     rows = max(8, min(64, (1 << 20) // max(1, n * w.element_size())))
-    s = op._scale()
+    s = op.scale()
     u0 = torch.empty(m, v.shape[1], dtype=op.dtype, device=v.device)
     y = torch.zeros(n, v.shape[1], dtype=op.dtype, device=v.device)
     for i in range(0, m, rows):
