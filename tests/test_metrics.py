@@ -288,3 +288,21 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(TypeError, match="SpectralState or an nn.Module"):
         layer_metrics(torch.eye(2), "0")
     assert as_matrix(torch.zeros(4, 2, 3, 3)).shape == (4, 18)
+
+
+def test_layer_metrics_on_a_multi_view_layer():
+    # Attention Q/K/V are three operators of one module: each view's metrics read that view's matrix.
+    from robustcompress.spectral import SpectralState
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
+    state = SpectralState(model, k=2, init_iter=0)
+    names = [n for n in state.names if n.endswith((".q", ".k", ".v"))]
+    assert len(names) == 3
+    w = model[1].self_attn.in_proj_weight.detach().double()
+    for name, rows in zip(sorted(names, key=lambda n: "qkv".index(n[-1])), w.chunk(3, 0)):
+        met = layer_metrics(state, name)
+        s = torch.linalg.svdvals(rows)
+        assert met["sigma_1"].value == pytest.approx(float(s[0]), rel=1e-6)
+        assert met["stable_rank"].value == pytest.approx(float(s.square().sum() / s[0] ** 2), rel=1e-6)
+        assert met["c_neu"].source == "exact"
