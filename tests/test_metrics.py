@@ -305,4 +305,6 @@ def test_layer_metrics_on_a_multi_view_layer():
         s = torch.linalg.svdvals(rows)
         assert met["sigma_1"].value == pytest.approx(float(s[0]), rel=1e-6)
         assert met["stable_rank"].value == pytest.approx(float(s.square().sum() / s[0] ** 2), rel=1e-6)
-        assert met["c_neu"].source == "exact"
+        # Neuron metrics read this view's rows only (not the packed Q/K/V weight).
+        assert met["max_row_l1"].value == pytest.approx(float(rows.abs().sum(1).max()), rel=1e-6)
+        assert met["dead_rows"].value == pytest.approx(0.0)
