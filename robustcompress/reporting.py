@@ -184,16 +184,16 @@ def _certified_rows(model: nn.Module, bound: LipschitzBound, k: int, exact_thres
     return rows
 
 
-def _input_shapes(model: nn.Module, example: Any, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+def _input_shapes(model: nn.Module, example: Any, modules: dict[str, nn.Module]) -> dict[str, tuple[int, ...]]:
     """Each named layer's input shape without batch, from one no-grad forward pass (the mode is left alone)."""
     shapes: dict[str, tuple[int, ...]] = {}
     handles = []
     try:
-        for name in names:
+        for name, module in modules.items():
             def hook(mod: nn.Module, args: tuple, out: Any, name: str = name) -> None:
                 if args and isinstance(args[0], torch.Tensor):
                     shapes.setdefault(name, tuple(int(s) for s in args[0].shape[1:]))
-            handles.append(model.get_submodule(name).register_forward_hook(hook))
+            handles.append(module.register_forward_hook(hook))
         with torch.no_grad():
             call_model(model, example)
     except Exception as err:  # the user's model: any error, reported with what to pass instead
@@ -209,7 +209,7 @@ def _input_shapes(model: nn.Module, example: Any, names: Sequence[str]) -> dict[
 def _uncertified_rows(model: nn.Module, example: Any, k: int, exact_threshold: int,
                       method: str) -> list[dict[str, Any]]:
     state, big_state, big = _states(model, k, None, exact_threshold)
-    shapes = _input_shapes(model, example, state.names)
+    shapes = _input_shapes(model, example, {name: state.module(name) for name in state.names})
     rows = []
     for name in state.names:
         module = state.module(name)
