@@ -44,6 +44,9 @@ from torch import nn
 from ._checks import (attack_input, bool_arg, domain_arg, eps_arg, float_tensor, fraction, labels_arg, module_arg,
                       nonnegative_float, nonnegative_int, norm_arg, positive_float, positive_int, seed_arg)
 from ._utils import batches, eval_mode, logits_of, model_device, num_batches, to_device
+from .layers import MatrixSpec, layer_kind, layer_views
+from .spectral.iteration import subspace_iteration
+from .spectral.views import operator_for
 
 __all__ = [
     "fgsm",
@@ -679,35 +682,35 @@ def universal_perturbation(
 # --------------------------------------------------------------------------- sensitive directions
 
 
-def _first_layer(model: nn.Module) -> tuple[str, nn.Module]:
+def _first_layer(model: nn.Module) -> tuple[str, nn.Module, MatrixSpec]:
+    """The first weight-bearing module: a Linear or Conv1d/2d (by its registry kind), else a clear error."""
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            return name, m
-        if isinstance(m, (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Embedding)):
-            raise ValueError(f"The first layer {name!r} is a {type(m).__name__}, which is not supported; "
-                             "use source='jacobian'")
+        kind = layer_kind(m)
+        if kind is None:
+            if any(p.dim() >= 2 for p in m.parameters(recurse=False)):
+                raise ValueError(f"The first layer {name!r} is a {type(m).__name__}, which is not supported; "
+                                 "use source='jacobian'")
+            continue
+        spec = layer_views(m)[0].spec if kind.name in ("linear", "conv") else None
+        if spec is not None and (spec.conv is None or spec.conv.dims in (1, 2)):
+            return name, m, spec
+        raise ValueError(f"The first layer {name!r} is a {type(m).__name__} (layer kind {kind.name!r}), which is "
+                         "not supported; use source='jacobian'")
     raise ValueError("Expected the model to contain a Linear, Conv1d or Conv2d layer for source='first_layer'")
 
 
-def _subspace_iteration(gram: Callable[[torch.Tensor], torch.Tensor], batch: int, dim: int, k: int,
-                        n_iter: int, gen: torch.Generator, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k eigenpairs of the PSD operators ``G_b = A_bᵀA_b`` given only ``V ↦ G V``.
+def _top_directions(products: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], batch: int, dim: int,
+                    k: int, n_iter: int, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Top-k right singular directions ``(B, dim, k)`` of a batch of operators ``A_b`` given ``V ↦ (A V, AᵀA V)``.
 
-    Block power iteration ``V ← qr(G V)`` followed by Rayleigh–Ritz
-    (``eigh`` of ``Vᵀ G V``), batched over ``b``. Returns ``(V (B, dim, k), σ² (B, k))``
-    in descending order, each vector signed so its largest-magnitude entry is positive.
+    :func:`robustcompress.spectral.iteration.subspace_iteration` (block power
+    iteration with Rayleigh–Ritz, batched over ``b``) from a seeded start, in
+    descending order, each direction signed so its largest-magnitude entry is positive.
     """
     v = torch.randn(batch, dim, k, generator=gen, dtype=torch.float64).to(like)
-    v = torch.linalg.qr(v).Q
-    for _ in range(n_iter):
-        v = torch.linalg.qr(gram(v)).Q
-    h = v.transpose(1, 2) @ gram(v)
-    evals, evecs = torch.linalg.eigh((h + h.transpose(1, 2)) / 2)
-    evals, evecs = evals.flip(-1), evecs.flip(-1)
-    v = v @ evecs
+    v = subspace_iteration(products, v, n_iter + 1).v
     pivot = v.abs().argmax(1, keepdim=True)
-    v = v * torch.where(v.gather(1, pivot) < 0, -1.0, 1.0)
-    return v, evals.clamp_min(0)
+    return v * torch.where(v.gather(1, pivot) < 0, -1.0, 1.0)
 
 
 def _representation(model: nn.Module, layer: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -734,16 +737,16 @@ def _representation(model: nn.Module, layer: str | None) -> Callable[[torch.Tens
     return rep
 
 
-def _jacobian_gram(fn: Callable, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``T (N, D) ↦ (J_iᵀ J_i t_i)_i`` with ``J_i`` the Jacobian of ``fn`` at example ``x_i``.
+def _jacobian_products(fn: Callable, x: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``T (N, D) ↦ ((J_i t_i)_i, (J_iᵀ J_i t_i)_i)`` with ``J_i`` the Jacobian of ``fn`` at example ``x_i``.
 
     Examples are independent in eval mode, so one batched jvp/vjp serves all.
     """
     _, pull = torch.func.vjp(fn, x)
 
-    def apply(t: torch.Tensor) -> torch.Tensor:
+    def apply(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, jt = torch.func.jvp(fn, (x,), (t.reshape(x.shape),))
-        return pull(jt)[0].reshape(x.shape[0], -1)
+        return jt.reshape(x.shape[0], -1), pull(jt)[0].reshape(x.shape[0], -1)
 
     return apply
 
@@ -754,9 +757,9 @@ def _directions(model, x, k, source, n_iter, layer, seed, per_example):
     if source == "first_layer":
         if layer is not None:
             raise ValueError("layer= applies to source='jacobian' only")
-        name, m = _first_layer(model)
-        if isinstance(m, nn.Linear):
-            w = m.weight.detach()
+        name, m, spec = _first_layer(model)
+        if spec.conv is None:
+            w = spec.matrix().detach()
             if k > min(w.shape):
                 raise ValueError(f"Expected k <= {min(w.shape)} (rank bound of layer {name!r}), but got k={k}")
             vh = torch.linalg.svd(w.double(), full_matrices=False).Vh[:k]
@@ -770,34 +773,36 @@ def _directions(model, x, k, source, n_iter, layer, seed, per_example):
         if k > dim:
             raise ValueError(f"Expected k <= {dim} (the input dimension), but got k={k}")
 
-        def op(u):
-            # the layer's linear part: its output minus the bias (any padding mode)
-            return m._conv_forward(u, m.weight.detach(), None)
+        op = operator_for(m, "operator", tuple(shape))  # the layer's linear part at this input size
 
-        def gram(v):
-            cols = v[0].T.reshape(k, *shape).to(m.weight.dtype)
-            y, pull = torch.func.vjp(op, cols)
-            return pull(y)[0].reshape(k, dim).T[None].to(v)
+        def conv_products(v):
+            u0 = op.matvec(v[0].to(op.dtype))
+            return u0[None].to(v), op.rmatvec(u0)[None].to(v)
 
-        return _subspace_iteration(gram, 1, dim, k, n_iter, gen, x.double())[0].to(x)
+        with torch.no_grad():
+            return _top_directions(conv_products, 1, dim, k, n_iter, gen, x.double()).to(x)
     if x is None:
         raise ValueError("source='jacobian' needs x, the point(s) the Jacobian is taken at")
     fn = _representation(model, layer)
     n, dim = x.shape[0], x[0].numel()
     if k > dim:
         raise ValueError(f"Expected k <= {dim} (the input dimension), but got k={k}")
-    jg = _jacobian_gram(fn, x.detach())
+    jac = _jacobian_products(fn, x.detach())
 
-    def gram(v):
-        cols = []
+    def products(v):
+        # Shared directions: the operator is every example's Jacobian stacked, A = [J_1; …; J_N].
+        us, ys = [], []
         for j in range(k):
             if per_example:
-                cols.append(jg(v[:, :, j]))
+                u, y = jac(v[:, :, j])
             else:
-                cols.append(jg(v[0, :, j].expand(n, dim)).sum(0, keepdim=True))
-        return torch.stack(cols, dim=2)
+                u, y = jac(v[0, :, j].expand(n, dim))
+                u, y = u.reshape(1, -1), y.sum(0, keepdim=True)
+            us.append(u)
+            ys.append(y)
+        return torch.stack(us, dim=2), torch.stack(ys, dim=2)
 
-    return _subspace_iteration(gram, n if per_example else 1, dim, k, n_iter, gen, x)[0]
+    return _top_directions(products, n if per_example else 1, dim, k, n_iter, gen, x)
 
 
 def sensitive_directions(

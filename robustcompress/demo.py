@@ -52,7 +52,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import fraction, nonnegative_float, positive_float, positive_int
+from .attacks import fooling_rate, universal_perturbation
+from .bound import certified_radius, lipschitz_bound
+from .compress import prune
 from .compress.exporting import export
+from .data import digits
+from .evaluate import accuracy, robust_accuracy
+from .layers import layer_kind, to_dense, to_low_rank
+from .metrics import layer_metrics, singular_values
+from .models import MLP
+from .optim import wrap
+from .penalties import GroupLassoPenalty, default_penalties
+from .spectral import SpectralState
 
 __all__ = [
     "DemoConfig",
@@ -61,7 +72,6 @@ __all__ = [
     "make_penalties",
     "train_model",
     "prunable_fraction",
-    "dense_copy",
     "measure",
     "write_plots",
     "DemoResult",
@@ -177,8 +187,6 @@ def build_model(variant: str, cfg: DemoConfig, device: torch.device | str = "cpu
         >>> type(build_model("low-rank", DemoConfig())[1]).__name__
         'LowRankLinear'
     """
-    from .layers import to_low_rank
-    from .models import MLP
 
     variant = _variant_arg(variant)
     # A private RNG stream: the caller's global generator is left untouched.
@@ -213,8 +221,6 @@ def make_penalties(variant: str, model: nn.Module, cfg: DemoConfig) -> list:
         >>> [type(p).__name__ for p in make_penalties("group-lasso + penalty", build_model("dense", cfg), cfg)]
         ['GroupLassoPenalty', 'SpectralNormPenalty']
     """
-    from .penalties import GroupLassoPenalty, default_penalties
-    from .spectral import SpectralState
 
     variant = _variant_arg(variant)
     if not isinstance(model, nn.Module):
@@ -258,7 +264,6 @@ def train_model(
     """
     from tqdm.auto import tqdm
 
-    from .optim import wrap
 
     device = next(model.parameters()).device
     x, y = (t.to(device) for t in train.tensors)
@@ -287,44 +292,20 @@ def train_model(
 # --------------------------------------------------------------------------- measurements
 
 
-def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's weight layers (Linear and LowRankLinear), input to output."""
-    from .layers import LowRankLinear
+#: The registry kinds the demo's MLPs are made of.
+_DENSE_KINDS = ("linear", "lowrank_linear")
 
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, LowRankLinear))]
+
+def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's weight layers (registry kinds Linear and low-rank Linear), input to output."""
+    return [(n, m) for n, m in model.named_modules()
+            if (kind := layer_kind(m)) is not None and kind.name in _DENSE_KINDS]
 
 
 def _subset(data: torch.utils.data.TensorDataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     # The stratified split already shuffled the test set, so its first n examples are a fair sample.
     x, y = data.tensors
     return (x, y) if n <= 0 or n >= len(x) else (x[:n], y[:n])
-
-
-def dense_copy(model: nn.Module) -> nn.Module:
-    """A deep copy with every :class:`~robustcompress.layers.LowRankLinear` replaced by the
-    ``nn.Linear`` of weight ``B·A`` (same function), so structured pruning can act on it.
-
-    Example:
-        >>> m = dense_copy(build_model("low-rank", DemoConfig()))
-        >>> type(m[1]).__name__
-        'Linear'
-    """
-    import copy
-
-    from .layers import LowRankLinear
-
-    out = copy.deepcopy(model)
-    for name, module in list(out.named_modules()):
-        if isinstance(module, LowRankLinear):
-            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                              device=module.weight_a.device, dtype=module.weight_a.dtype)
-            with torch.no_grad():
-                dense.weight.copy_(module.weight)
-                if module.bias is not None:
-                    dense.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(out.get_submodule(parent) if parent else out, child, dense)
-    return out
 
 
 def _hidden_neurons(model: nn.Module) -> int:
@@ -345,7 +326,7 @@ def prunable_fraction(
     Pruning is :func:`robustcompress.compress.prune` (rows of smallest norm,
     whole neurons removed together with the next layer's matching columns, no
     fine-tuning); the share counts the neurons the pruned model really lost.
-    Factorised layers are pruned as their dense product ``B·A`` (:func:`dense_copy`):
+    Factorised layers are pruned as their dense product ``B·A`` (:func:`~robustcompress.layers.to_dense`):
     removing a neuron removes a row of ``B``.
 
     Args:
@@ -357,15 +338,13 @@ def prunable_fraction(
     Returns:
         The prunable fraction in ``[0, 1]``.
     """
-    from .compress import prune
-    from .evaluate import accuracy
 
     max_loss = fraction(max_loss, "max_loss")
     resolution = positive_float(resolution, "resolution")
     if resolution > 0.5:
         raise ValueError(f"Expected resolution to lie in (0, 0.5], but got resolution={resolution!r}")
     x, y = data
-    model = dense_copy(model)
+    model = to_dense(model)
     base = accuracy(model, (x, y))
     total = _hidden_neurons(model)
 
@@ -419,10 +398,6 @@ def measure(
     Returns:
         A dict with the keys above (``rank99`` and ``spectra`` are lists).
     """
-    from .attacks import fooling_rate, universal_perturbation
-    from .bound import certified_radius, lipschitz_bound
-    from .evaluate import accuracy, robust_accuracy
-    from .metrics import layer_metrics, singular_values
 
     device = next(model.parameters()).device
     x_eval, y_eval = (t.to(device) for t in _subset(test, cfg.eval_examples))
@@ -646,7 +621,6 @@ def run_demo(
         >>> sorted(result.rows) == sorted(VARIANTS)  # doctest: +SKIP
         True
     """
-    from .data import digits
 
     if not isinstance(cfg, DemoConfig):
         raise TypeError(f"Expected cfg to be a DemoConfig, but got {type(cfg).__name__}")

@@ -54,11 +54,7 @@ from .penalties import unwrap_model
 from .selection import select_layers
 from .spectral import SpectralState
 
-try:  # the metrics module holds the reference definitions; fall back to the formulas inline
-    from .metrics import effective_rank as _effective_rank
-    from .metrics import stable_rank as _stable_rank
-except ImportError:  # pragma: no cover
-    _effective_rank = _stable_rank = None
+from .metrics import effective_rank, stable_rank
 
 __all__ = ["track", "Tracker"]
 
@@ -67,11 +63,7 @@ def _spectrum_stats(s: torch.Tensor) -> tuple[float, float]:
     """(effective rank, stable rank) from all singular values ``s`` (descending)."""
     if float(s[0]) == 0:
         return float("nan"), float("nan")
-    if _effective_rank is not None:
-        return float(_effective_rank(s)), float(_stable_rank(s))
-    p = s / s.sum()
-    h = -(torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny)), torch.zeros_like(p))).sum()
-    return float(torch.exp(h)), float(s.square().sum() / s[0].square())
+    return float(effective_rank(s)), float(stable_rank(s))
 
 
 class _Sink:

@@ -45,6 +45,7 @@ from einops import rearrange
 from torch import nn
 
 from ._checks import float_tensor, fraction, nonnegative_float, positive_int
+from .spectral import SpectralState
 
 __all__ = [
     "Metric",
@@ -603,8 +604,6 @@ def layer_metrics(
         >>> m["stable_rank"].source
         'exact'
     """
-    from .spectral import SpectralState, matrix_view
-
     if isinstance(exact_threshold, bool) or not isinstance(exact_threshold, int) or exact_threshold < 0:
         raise ValueError(
             f"Expected exact_threshold to be a non-negative integer, but got exact_threshold={exact_threshold!r}"
@@ -629,11 +628,10 @@ def layer_metrics(
         raise TypeError(
             f"Expected state_or_model to be a SpectralState or an nn.Module, but got {type(state_or_model).__name__}"
         )
-    module = state.module(name)
     op = state.operator(name)
     with torch.no_grad():
         # Neurons are the rows of the (BN-folded) matrix view in every view.
-        rows = torch.cat([b.detach() for b in matrix_view(module, state.folded_bn(name)).blocks()], 0).double()
+        rows = torch.cat([b.detach() for b in state.matrix_operator(name).blocks()], 0).double()
         frob = state.frobenius(name).detach().double().reshape(())
         m_op, n_op = op.shape
         exact = m_op * n_op <= exact_threshold

@@ -48,7 +48,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ._checks import positive_float
-from .layers import LowRankConv2d, LowRankLinear
+from .layers import LowRankSpec, MatrixSpec
 from .penalties import Penalty, PenaltySum, StateTerm, flatten_penalties, unwrap_model
 from .spectral import MatrixView, SpectralState
 from .spectral.sharded import is_sharded
@@ -57,6 +57,18 @@ __all__ = ["wrap", "attach", "PenaltyHooks", "PenalizedOptimizer", "describe_ter
 
 
 # ====================================================================== projections
+def _row_weight(state: SpectralState, name: str) -> nn.Parameter:
+    layer = state.layer(name)
+    spec = layer.spec.b if isinstance(layer.spec, LowRankSpec) else layer.spec
+    w = spec.weight() if isinstance(spec, MatrixSpec) else None
+    plain = isinstance(spec, MatrixSpec) and not spec.transpose and spec.rows is None and spec.cols is None
+    if not plain or not any(w is p for p in layer.parameters):
+        raise ValueError(f"Layer {name!r} ({type(layer.module).__name__}, kind {layer.kind.name!r}) has no stored "
+                         "weight whose rows are its operator's rows (a transposed, sliced or parametrized weight); "
+                         "projections act on plain and low-rank weights only")
+    return w
+
+
 class Projection(StateTerm):
     """A post-step map applied to selected layers after the optimizer's update.
 
@@ -77,8 +89,12 @@ class Projection(StateTerm):
                     self.project_(name)
 
     def projected_weight(self, name: str) -> torch.Tensor:
-        """The parameter :meth:`project_` changes for layer ``name`` (its ``weight`` by default)."""
-        return self.state.module(name).weight
+        """The parameter :meth:`project_` changes for layer ``name``: the stored weight whose rows are the operator's.
+
+        Read from the layer registry's descriptor: a plain matrix view's weight, or ``B`` of a low-rank
+        layer ``B·A``. A transposed, sliced or parametrized weight has no such parameter: a clear error.
+        """
+        return _row_weight(self.state, name)
 
     def project_(self, name: str) -> None:
         raise NotImplementedError
@@ -108,10 +124,11 @@ class SpectralNormClip(Projection):
         self.target = positive_float(target, "target")
         for name in self.names:
             op = self._state.operator(name)
-            mod = self._state.module(name)
-            if not (isinstance(op, MatrixView) and op.groups == 1 and isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d))):
+            spec = self._state.layer(name).spec
+            if not (isinstance(op, MatrixView) and isinstance(spec, MatrixSpec) and op.groups == 1):
                 raise ValueError(f"SpectralNormClip needs ungrouped dense Linear/Conv layers in the matrix view; "
-                                 f"layer {name!r} ({type(mod).__name__}) is not")
+                                 f"layer {name!r} ({type(self._state.module(name)).__name__}) is not")
+            _row_weight(self._state, name)
 
     def project_(self, name):
         op = self._state.operator(name)
@@ -119,7 +136,7 @@ class SpectralNormClip(Projection):
         u, v = u[:, :1], v[:, :1]
         sig = (u * op.matvec(v)).sum()
         excess = (sig - self.target).clamp_min(0)
-        w = self._state.module(name).weight
+        w = _row_weight(self._state, name)
         bn = self._state.folded_bn(name)
         if bn is not None:
             s = op.row_scale().to(u.dtype)
@@ -152,10 +169,8 @@ class RowL1Cap(Projection):
     def __init__(self, state_or_model, max_l1: float, **kwargs):
         super().__init__(state_or_model, **kwargs)
         self.max_l1 = positive_float(max_l1, "max_l1")
-
-    def projected_weight(self, name):
-        mod = self.state.module(name)
-        return mod.weight_b if isinstance(mod, (LowRankLinear, LowRankConv2d)) else mod.weight
+        for name in self.names:
+            _row_weight(self._state, name)  # a clear error now rather than at the first step
 
     def project_(self, name):
         r = self._rows(name).abs().sum(1)

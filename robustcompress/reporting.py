@@ -39,7 +39,7 @@ from .bound import (
     power_sigma,
 )
 from .bound.capture import Stop, call_model, find_stop
-from .bound.layer_facts import CONV_TYPES, HEAD_TYPES, LINEAR_TYPES, weight_shape
+from .bound.layer_facts import can_be_head, is_conv, is_linear, operator_shape, weight_shape
 from .metrics import layer_metrics
 from .spectral import SpectralState
 
@@ -73,14 +73,14 @@ _METRIC_KEYS = ("frobenius", "stable_rank", "effective_rank", "c_spec", "top_k_e
 
 def _default_input_shape(model: nn.Module) -> tuple[int, ...]:
     for name, m in model.named_modules():
-        if isinstance(m, CONV_TYPES):
+        if is_conv(m):
             raise ValueError(
                 f"input_shape is required: the model has a convolution ({name!r}), whose norm depends on the input "
                 "size; pass e.g. input_shape=(3, 32, 32)"
             )
     for m in model.modules():
-        if isinstance(m, HEAD_TYPES):
-            return (int(m.in_features),)
+        if can_be_head(m):
+            return (operator_shape(m)[1],)
     raise ValueError("The model has no eligible layer (Linear, Conv1d/2d, LowRankLinear, LowRankConv2d) to report on")
 
 
@@ -129,7 +129,7 @@ def _certify(model: nn.Module, shape: tuple[int, ...] | None, example: Any, meth
 
 def _layer_row(name: str, module: nn.Module, met: dict, input_shape: Sequence[int] | None, folded: str | None,
                sigma_bound: float | None, estimate: Any, inf_to_2: float | None) -> dict[str, Any]:
-    if isinstance(module, LINEAR_TYPES):
+    if is_linear(module):
         shape = weight_shape(module)
     else:
         w = getattr(module, "weight", None)
@@ -175,7 +175,7 @@ def _certified_rows(model: nn.Module, bound: LipschitzBound, k: int, exact_thres
         seen.add(f.target)
         module = model.get_submodule(f.target)
         met = layer_metrics(big_state if f.target in big else state, f.target, exact_threshold=exact_threshold, k=k)
-        if isinstance(module, CONV_TYPES):
+        if is_conv(module):
             est = power_sigma(module, f.input_shape, state.folded_bn(f.target), n_iter=15)
         else:
             est = met["sigma_1"].value
@@ -184,16 +184,16 @@ def _certified_rows(model: nn.Module, bound: LipschitzBound, k: int, exact_thres
     return rows
 
 
-def _input_shapes(model: nn.Module, example: Any, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+def _input_shapes(model: nn.Module, example: Any, modules: dict[str, nn.Module]) -> dict[str, tuple[int, ...]]:
     """Each named layer's input shape without batch, from one no-grad forward pass (the mode is left alone)."""
     shapes: dict[str, tuple[int, ...]] = {}
     handles = []
     try:
-        for name in names:
+        for name, module in modules.items():
             def hook(mod: nn.Module, args: tuple, out: Any, name: str = name) -> None:
                 if args and isinstance(args[0], torch.Tensor):
                     shapes.setdefault(name, tuple(int(s) for s in args[0].shape[1:]))
-            handles.append(model.get_submodule(name).register_forward_hook(hook))
+            handles.append(module.register_forward_hook(hook))
         with torch.no_grad():
             call_model(model, example)
     except Exception as err:  # the user's model: any error, reported with what to pass instead
@@ -209,14 +209,14 @@ def _input_shapes(model: nn.Module, example: Any, names: Sequence[str]) -> dict[
 def _uncertified_rows(model: nn.Module, example: Any, k: int, exact_threshold: int,
                       method: str) -> list[dict[str, Any]]:
     state, big_state, big = _states(model, k, None, exact_threshold)
-    shapes = _input_shapes(model, example, state.names)
+    shapes = _input_shapes(model, example, {name: state.module(name) for name in state.names})
     rows = []
     for name in state.names:
-        module = model.get_submodule(name)
+        module = state.module(name)
         met = layer_metrics(big_state if name in big else state, name, exact_threshold=exact_threshold, k=k)
         shape, bn = shapes.get(name), state.folded_bn(name)
         sig = None
-        if isinstance(module, LINEAR_TYPES) and (shape is not None or not isinstance(module, CONV_TYPES)):
+        if is_linear(module) and (shape is not None or not is_conv(module)):
             sig = layer_bound(module, shape, method, bn, min(exact_threshold, EXACT_THRESHOLD))
         folded = next((n for n, m in model.named_modules() if bn is not None and m is bn), None)
         rows.append(_layer_row(name, module, met, shape, folded, sig, met["sigma_1"].value, None))

@@ -1,32 +1,7 @@
-"""Shared test configuration.
+"""Fixtures shared by the tests (the settings shared with the package's doctests are in the root conftest.py)."""
 
-``TRITON_INTERPRET`` must be set before anything imports Triton, so the
-fused-kernel tests can run Triton's interpreter on CPU tensors.
-"""
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
-
-settings.register_profile(
-    "ci",
-    deadline=None,
-    derandomize=True,
-    max_examples=25,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile("dev", deadline=None, max_examples=60)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-    yield
+import pytest
+import torch
 
 
 @pytest.fixture(scope="session")

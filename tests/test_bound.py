@@ -494,19 +494,6 @@ def test_bad_input_is_a_clear_error():
         lipschitz_bound(Branchy(), (2,))
 
 
-def test_docstring_examples_run():
-    import doctest
-    import importlib
-    import pkgutil
-
-    import robustcompress.bound as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        mod = importlib.import_module(f"robustcompress.bound.{info.name}")
-        assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0, info.name
-    assert doctest.testmod(pkg, optionflags=doctest.ELLIPSIS).failed == 0
-
-
 def test_linear_on_a_sequence_is_not_folded_with_batchnorm_over_the_sequence_axis():
     # Linear acts on the last axis of (N, L, F); BatchNorm1d scales axis 1 (L).
     # Folding diag(s)·W would give σ₁(diag(s)·W) = 100 here; the operator's norm is max(s)·σ₁(W) = 1000.
@@ -635,3 +622,28 @@ def test_a_bound_that_overflows_float64_is_an_error_naming_the_node():
         model[2].weight.zero_()
     with pytest.raises(ValueError, match=r"overflows float64 at module '1' \(Linear\)"):
         lipschitz_bound(model, (2,))
+
+
+def test_layer_facts_come_from_the_registry():
+    from robustcompress.bound import layer_facts as lf
+    from robustcompress.bound import NoLipschitzRuleError
+    from robustcompress.layers import batchnorm_scale
+
+    bn = nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([-2.0, 0.5, 1.0]))
+        bn.running_var.copy_(torch.tensor([4.0, 1.0, 0.25]))
+    # One BatchNorm-scale computation: the bound's is the registry's, in float64 on the host.
+    assert torch.equal(lf.bn_scale(bn), batchnorm_scale(bn, torch.float64).detach())
+    assert lf.bn_scale(bn).dtype == torch.float64
+    kinds = {type(m).__name__: lf.bound_kind(m) for m in (
+        nn.Linear(2, 2), nn.Conv1d(1, 1, 1), nn.Conv2d(1, 1, 1), nn.Conv3d(1, 1, 1), LowRankLinear(4, 3, rank=2),
+        LowRankConv2d(2, 3, 3, rank=1), nn.Embedding(3, 2), nn.ReLU())}
+    assert kinds == {"Linear": "linear", "Conv1d": "conv", "Conv2d": "conv", "Conv3d": None,
+                     "LowRankLinear": "linear", "LowRankConv2d": "conv", "Embedding": None, "ReLU": None}
+    low = LowRankLinear(4, 3, rank=2)
+    torch.testing.assert_close(lf.head_matrix(low), (low.weight_b @ low.weight_a).double().detach())
+    assert lf.weight_shape(low) == [3, 4, "r2"] and lf.operator_shape(low) == (3, 4)
+    # A Conv3d has no bound rule yet: a clear error naming it, never a silent factor.
+    with pytest.raises(NoLipschitzRuleError, match="Conv3d"):
+        lipschitz_bound(nn.Sequential(nn.Conv3d(1, 2, 3), nn.Flatten()), (1, 4, 4, 4))

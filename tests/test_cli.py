@@ -36,16 +36,6 @@ def test_python_dash_m_entry_point():
     assert done.returncode == 0 and "demo" in done.stdout
 
 
-@pytest.mark.parametrize("module", ["robustcompress.cli", "robustcompress.cli.common", "robustcompress.cli.report",
-                                    "robustcompress.cli.compress"])
-def test_docstring_examples_run(module):
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 1 and result.failed == 0
-
-
 def test_cli_modules_do_not_import_the_report_cli_into_reporting():
     import robustcompress.reporting as reporting
 

@@ -1,7 +1,6 @@
 """Tests of robustcompress.compress: pruning, truncation, fine-tuning, measuring, export, CLI."""
 
 import copy
-import doctest
 import math
 import warnings
 
@@ -29,15 +28,6 @@ from robustcompress.compress import (
 )
 from robustcompress.layers import LowRankConv2d, LowRankLinear
 from robustcompress.models import MLP, BasicBlock, SmallCNN
-
-
-@pytest.mark.parametrize("module", ["", ".pruning", ".truncation", ".measurement", ".exporting"])
-def test_docstring_examples_run(module):
-    import importlib
-
-    mod = importlib.import_module("robustcompress.compress" + module)
-    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 2 and result.failed == 0
 
 
 def _mlp(widths, seed=0, in_features=12, classes=4):

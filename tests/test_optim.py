@@ -522,3 +522,18 @@ def test_attach_matches_wrap_bit_for_bit():
             o.step()
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert hooks.steps == opt_a.steps == 4
+
+
+def test_projections_refuse_weights_they_cannot_change_in_place():
+    # A parametrized weight is recomputed from other tensors; changing it in place would change nothing.
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(6, 5)), nn.ReLU(), nn.Linear(5, 2))
+    with pytest.raises(ValueError, match="'0'.*parametrized"):
+        RowL1Cap(model, max_l1=0.5)
+    with pytest.raises(ValueError, match="'0'"):
+        SpectralNormClip(model, target=0.1)
+    # The plain layers alone are accepted, and the cap moves exactly the stored weight.
+    cap = RowL1Cap(model, max_l1=0.5, layers=["2"])
+    before = model[0].parametrizations.weight.original1.detach().clone()
+    cap.apply()
+    assert torch.equal(model[0].parametrizations.weight.original1, before)
+    assert float(model[2].weight.detach().abs().sum(1).max()) <= 0.5 * (1 + 1e-6)

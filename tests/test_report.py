@@ -127,11 +127,3 @@ def test_report_bad_input():
         report(_small_cnn())
     with pytest.raises(ValueError, match="rows"):
         format_report([])
-
-
-def test_docstring_examples_run():
-    import doctest
-
-    import robustcompress.reporting as mod
-
-    assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0

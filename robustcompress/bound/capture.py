@@ -171,7 +171,7 @@ def find_stop(model: nn.Module, example_input: Any) -> Stop | None:
         path = list(stack.values())[-1][0] if stack else "model"
         path = "" if path == "model" else path.removeprefix("model.")
         op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-        if rule_kind(type(model.get_submodule(path))) is not None:
+        if rule_kind(model.get_submodule(path)) is not None:
             continue
         if op in ATEN_OPS_WITH_RULES and not (op in _PRODUCTS and len(ins) > 1):
             continue

@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from .._checks import norm_arg
-from .layer_facts import BATCHNORM_TYPES, HEAD_TYPES, LEAF_TYPES
+from .layer_facts import can_be_head, is_batchnorm, is_leaf
 from .matrix import EXACT_THRESHOLD
 from .rules import DROPOUT_TYPES, MODULE_RULES, rule_for
 from .walk import CONST, SHAPE_KEY, NodeFactor, Walk, nodes_in
@@ -73,7 +73,7 @@ class TraceError(ValueError):
 class _Tracer(fx.Tracer):
     # A module type with a rule of its own (exact type: a subclass may change forward) is one node.
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, LEAF_TYPES) or type(m) in MODULE_RULES or super().is_leaf_module(m, qualname)
+        return is_leaf(m) or type(m) in MODULE_RULES or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -138,7 +138,7 @@ def _check_args(model: Any, input_shape: Any) -> tuple[int, ...]:
         raise ValueError(f"Expected input_shape to be a non-empty sequence of positive ints (no batch dimension), "
                          f"but got input_shape={input_shape!r}")
     for name, m in model.named_modules():
-        if isinstance(m, BATCHNORM_TYPES) and m.training:
+        if is_batchnorm(m) and m.training:
             raise ValueError(
                 f"BatchNorm {name!r} is in training mode: its output depends on the batch, so the network has no "
                 "per-input Lipschitz bound; call model.eval() first"
@@ -215,7 +215,7 @@ def _result(walk: Walk, input_shape: tuple[int, ...], norm: float) -> LipschitzB
     if v.ainf is not None:
         kinf = min(kinf, math.sqrt(math.prod(walk.shape(out) or (1,))) * v.ainf)
     head, pen = None, (None, None, None)
-    if out.op == "call_module" and isinstance(walk.module(out), HEAD_TYPES) and out not in walk.folded.values():
+    if out.op == "call_module" and can_be_head(walk.module(out)) and out not in walk.folded.values():
         a = [x for x in nodes_in((out.args, out.kwargs)) if not walk.vals[x].const][0]
         shape = walk.shape(a)
         if shape is not None and len(shape) == 1:

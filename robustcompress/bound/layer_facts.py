@@ -1,16 +1,17 @@
-"""Every layer fact the bound needs, in one place (to be read from the layer registry later).
+"""The layer facts the bound uses, read from the layer registry (:mod:`robustcompress.layers`).
 
-Nothing else in :mod:`robustcompress.bound` asks which module type a layer is:
+Nothing else in :mod:`robustcompress.bound` asks which module type a layer is,
+and this module asks only the registry:
 
-* ``LINEAR_TYPES`` — the modules bounded as linear layers; ``CONV_TYPES`` — those
-  whose norm depends on the input size; ``HEAD_TYPES`` — those that can be the
-  classifier head read by :func:`~robustcompress.bound.certified_radius`;
-  ``LEAF_TYPES`` — library layers traced as one node; ``BATCHNORM_TYPES``.
-* :func:`layer_view` — a layer as ``y = diag(s)·B·conv_K(x)`` in float64 (its
-  operator facts), with a following eval-mode BatchNorm folded in as ``s``;
-* :func:`bn_scale` — how a BatchNorm folds: ``s = γ/√(var+ε)``;
-  :func:`bn_folds_into` — whether it can fold into the layer before it;
-* :func:`head_matrix`, :func:`weight_dtype`, :func:`weight_shape`.
+* :data:`BOUND_KINDS` — the registry kinds bounded as linear layers, and whether
+  their norm depends on the input size (``"conv"``); :func:`bound_kind` reads a
+  module's kind (Conv3d has no bound yet: ``None``);
+* :func:`layer_view` — a layer as ``y = diag(s)·B·conv_K(x)`` in float64, from the
+  registry's operator descriptor, with a following eval-mode BatchNorm folded in as ``s``;
+* :func:`bn_scale` — the registry's :func:`~robustcompress.layers.batchnorm_scale`
+  in float64 with the bound's checks (eval mode, finite);
+  :func:`bn_folds_into` — the kind's ``fold_norm`` rule; :func:`is_batchnorm`;
+* :func:`can_be_head`, :func:`head_matrix`, :func:`weight_dtype`, :func:`weight_shape`.
 
 Example:
     >>> view = layer_view(nn.Linear(3, 2))
@@ -27,21 +28,80 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ..layers import LowRankConv2d, LowRankLinear
+from ..layers import LowRankSpec, MatrixSpec, batchnorm_scale, is_batchnorm, layer_kind, layer_views
 
-__all__ = ["LINEAR_TYPES", "CONV_TYPES", "HEAD_TYPES", "LEAF_TYPES", "BATCHNORM_TYPES", "LayerView", "per_dim",
+__all__ = ["BOUND_KINDS", "LayerView", "per_dim", "bound_kind", "is_linear", "is_conv", "is_leaf", "can_be_head", "operator_shape", "is_batchnorm",
            "layer_view", "bn_scale", "bn_folds_into", "head_matrix", "weight_dtype", "weight_shape"]
 
-#: Modules bounded as linear layers (bias excluded: it does not change a Lipschitz constant).
-LINEAR_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, LowRankLinear, LowRankConv2d)
-#: Linear layers whose operator norm depends on the input size.
-CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, LowRankConv2d)
-#: Layers that can be the classifier head (rows = classes) read by the certified radius.
-HEAD_TYPES: tuple[type, ...] = (nn.Linear, LowRankLinear)
-#: Library layers that the tracer keeps as one node (torch.nn modules are leaves already).
-LEAF_TYPES: tuple[type, ...] = (LowRankLinear, LowRankConv2d)
-#: Normalisations folded as ``diag(s)`` into the layer before them (eval mode only).
-BATCHNORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
+#: Registry kinds bounded as linear layers (bias excluded: it does not change a Lipschitz constant), with
+#: ``"conv"`` for those whose operator norm depends on the input size.
+BOUND_KINDS: dict[str, str] = {"linear": "linear", "lowrank_linear": "linear", "conv": "conv", "lowrank_conv": "conv"}
+#: Convolution dimensions the bound covers (1-D and 2-D).
+_CONV_DIMS = (1, 2)
+
+
+def bound_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"conv"`` or ``None``: how the bound treats ``module``, from its registry kind.
+
+    Example:
+        >>> bound_kind(nn.Conv2d(1, 2, 3)), bound_kind(nn.Conv3d(1, 2, 3)), bound_kind(nn.ReLU())
+        ('conv', None, None)
+    """
+    kind = layer_kind(module)
+    what = BOUND_KINDS.get(kind.name) if kind is not None else None
+    if what == "conv" and _spec(module).conv.dims not in _CONV_DIMS:
+        return None
+    return what
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether the bound treats ``module`` as a linear layer (Linear, Conv1d/2d, low-rank layers)."""
+    return bound_kind(module) is not None
+
+
+def is_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear layer whose operator norm depends on the input size."""
+    return bound_kind(module) == "conv"
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """Whether the tracer keeps ``module`` as one node: a bound layer whose exact type is registered.
+
+    A subclass may change ``forward``, so it is traced through (as torch.fx does for user modules).
+
+    Example:
+        >>> from robustcompress.layers import LowRankLinear
+        >>> is_leaf(LowRankLinear(4, 3, rank=2)), is_leaf(nn.ReLU())
+        (True, False)
+    """
+    kind = layer_kind(module)  # not its views: the tracer hands out proxies for parameters while tracing
+    return kind is not None and kind.name in BOUND_KINDS and type(module) in kind.types
+
+
+def can_be_head(module: nn.Module) -> bool:
+    """Whether ``module`` can be the classifier head (rows = classes) read by the certified radius.
+
+    Example:
+        >>> can_be_head(nn.Linear(4, 3)), can_be_head(nn.Conv2d(4, 3, 1))
+        (True, False)
+    """
+    kind = layer_kind(module)
+    return bound_kind(module) == "linear" and kind.can_be_head
+
+
+def operator_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` of a bound layer's matrix (a convolution's kernel matrix: ``out × in/groups·k…``).
+
+    Example:
+        >>> operator_shape(nn.Linear(4, 3))
+        (3, 4)
+    """
+    return tuple(int(d) for d in _spec(module).shape)
+
+
+def _spec(module: nn.Module) -> MatrixSpec | LowRankSpec:
+    (view,) = layer_views(module)
+    return view.spec
 
 
 @dataclass
@@ -83,7 +143,10 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
 
 
 def bn_scale(bn: nn.Module, name: str | None = None) -> torch.Tensor:
-    """The per-feature scale ``s = γ / √(running_var + ε)`` of an eval-mode BatchNorm, float64.
+    """The per-feature scale ``s = |γ| / √(running_var + ε)`` of an eval-mode BatchNorm, float64 on the host.
+
+    The registry's :func:`~robustcompress.layers.batchnorm_scale` computed in
+    float64 (``diag(sign γ)`` is orthogonal: it changes no singular value).
 
     Args:
         bn: a BatchNorm module in eval mode with running statistics.
@@ -107,9 +170,7 @@ def bn_scale(bn: nn.Module, name: str | None = None) -> torch.Tensor:
         )
     if bn.running_var is None:
         raise ValueError(f"{what} without running statistics (track_running_stats=False) is not supported")
-    s = torch.rsqrt(_f64(bn.running_var) + bn.eps)
-    if bn.weight is not None:
-        s = _f64(bn.weight) * s
+    s = batchnorm_scale(bn, torch.float64).detach().cpu()
     if not bool(torch.isfinite(s).all()):
         raise ValueError(f"{what} has a non-finite scale γ/√(var+ε) (NaN or Inf in its weight or running_var): "
                          "no bound")
@@ -117,28 +178,31 @@ def bn_scale(bn: nn.Module, name: str | None = None) -> torch.Tensor:
 
 
 def _raw_view(module: nn.Module) -> LayerView:
-    if isinstance(module, LowRankLinear):
-        return LayerView("linear", _f64(module.weight_b) @ _f64(module.weight_a), None)
-    if isinstance(module, nn.Linear):
-        return LayerView("linear", _f64(module.weight), None)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        d = module.weight.dim() - 2
-        return LayerView("conv", _f64(module.weight), None, module.groups, per_dim(module.stride, d),
-                         per_dim(module.dilation, d), (), module.padding_mode, module.padding, module.in_channels)
-    if isinstance(module, LowRankConv2d):
-        a = module.conv_args
-        return LayerView("conv", _f64(module.weight_a), rearrange(_f64(module.weight_b), "o r 1 1 -> o r"), 1,
-                         per_dim(a["stride"], 2), per_dim(a["dilation"], 2), (), "zeros", a["padding"],
-                         module.in_channels)
-    raise TypeError(f"No layer bound for {type(module).__name__}; supported: "
-                    + ", ".join(t.__name__ for t in LINEAR_TYPES))
+    what = bound_kind(module)
+    if what is None:
+        raise TypeError(f"No layer bound for {type(module).__name__}; supported: the layer kinds "
+                        + ", ".join(sorted(BOUND_KINDS)) + " (convolutions in 1-D and 2-D)")
+    spec = _spec(module)
+    if isinstance(spec, LowRankSpec):
+        a, b = _f64(spec.a.weight()), _f64(spec.b.weight())
+        if spec.conv is None:
+            return LayerView("linear", b @ a, None)
+        g = spec.conv
+        return LayerView("conv", a, rearrange(b, "o r 1 1 -> o r"), 1, g.stride, g.dilation, (), g.padding_mode,
+                         g.padding, a.shape[1])
+    w = _f64(spec.weight())
+    if spec.conv is None:
+        return LayerView("linear", w, None)
+    g = spec.conv
+    return LayerView("conv", w, None, spec.groups, g.stride, g.dilation, (), g.padding_mode, g.padding,
+                     w.shape[1] * spec.groups)
 
 
 def layer_view(module: nn.Module, bn: nn.Module | None = None, name: str | None = None) -> LayerView:
     """The layer as a float64 :class:`LayerView`, a following eval-mode BatchNorm folded as ``diag(s)``.
 
     Args:
-        module: one of ``LINEAR_TYPES``.
+        module: a layer whose registry kind is in :data:`BOUND_KINDS`.
         bn: an eval-mode BatchNorm after it, or ``None``.
         name: the layer's name in its model, for error messages.
 
@@ -182,7 +246,9 @@ def bn_folds_into(module: nn.Module, out_shape: Sequence[int] | None) -> bool:
         >>> bn_folds_into(nn.Linear(3, 4), (4,)), bn_folds_into(nn.Linear(3, 4), (5, 4))
         (True, False)
     """
-    return not isinstance(module, HEAD_TYPES) or (out_shape is not None and len(out_shape) == 1)
+    kind = layer_kind(module)
+    rule = kind.fold_norm if kind is not None else None
+    return rule == "channels" or (rule == "features" and out_shape is not None and len(out_shape) == 1)
 
 
 def head_matrix(module: nn.Module) -> torch.Tensor:
@@ -192,9 +258,10 @@ def head_matrix(module: nn.Module) -> torch.Tensor:
         >>> tuple(head_matrix(nn.Linear(4, 3)).shape)
         (3, 4)
     """
-    if isinstance(module, LowRankLinear):
-        return _f64(module.weight_b) @ _f64(module.weight_a)
-    return _f64(module.weight)
+    spec = _spec(module)
+    if isinstance(spec, LowRankSpec):
+        return _f64(spec.b.weight()) @ _f64(spec.a.weight())
+    return _f64(spec.weight())
 
 
 def weight_dtype(module: nn.Module) -> torch.dtype:
@@ -204,7 +271,8 @@ def weight_dtype(module: nn.Module) -> torch.dtype:
         >>> weight_dtype(nn.Linear(2, 2).double())
         torch.float64
     """
-    return module.weight_a.dtype if isinstance(module, LEAF_TYPES) else module.weight.dtype
+    spec = _spec(module)
+    return (spec.a if isinstance(spec, LowRankSpec) else spec).weight().dtype
 
 
 def weight_shape(module: nn.Module) -> list[int | str]:
@@ -214,6 +282,8 @@ def weight_shape(module: nn.Module) -> list[int | str]:
         >>> weight_shape(nn.Conv2d(3, 8, 3))
         [8, 3, 3, 3]
     """
-    if isinstance(module, LEAF_TYPES):
-        return [int(module.weight_b.shape[0]), *map(int, module.weight_a.shape[1:])] + [f"r{module.rank}"]
-    return list(map(int, module.weight.shape))
+    spec = _spec(module)
+    if isinstance(spec, LowRankSpec):
+        a, b = spec.a.weight(), spec.b.weight()
+        return [int(b.shape[0]), *map(int, a.shape[1:])] + [f"r{int(a.shape[0])}"]
+    return list(map(int, spec.weight().shape))

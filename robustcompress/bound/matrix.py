@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import float_tensor, positive_int
+from ..spectral.iteration import gram_upper_bound
 
 __all__ = ["ROUNDING_MARGIN", "EXACT_THRESHOLD", "round_up", "gram_iteration_bound", "matrix_norm_bound"]
 
@@ -48,8 +49,10 @@ def gram_iteration_bound(w: torch.Tensor, n_iter: int = 6) -> float:
     ``σ_1(W) ≤ ‖G_t‖_F^{1/2^t}``, which decreases to ``σ_1`` as t grows (the
     ratio is at most ``rank^{1/2^{t+1}}``). Each ``G_t`` is divided by its
     Frobenius norm and the log-scale carried along, so nothing overflows.
-    Computed in float64 (complex128 for complex input); a leading batch
-    dimension gives one bound per matrix, and the maximum is returned.
+    Computed in float64 (complex128 for complex input) by the package's one Gram
+    iteration, :func:`robustcompress.spectral.iteration.gram_upper_bound`, with the
+    rounding margin on top; a leading batch dimension gives one bound per matrix,
+    and the maximum is returned.
 
     Args:
         w: a matrix ``m × n`` (or a batch ``b × m × n``), real or complex.
@@ -67,31 +70,9 @@ def gram_iteration_bound(w: torch.Tensor, n_iter: int = 6) -> float:
     if w.dim() not in (2, 3):
         raise ValueError(f"Expected w to be a matrix or a batch of matrices, but got shape {tuple(w.shape)}")
     g = w.detach().to(torch.complex128 if w.is_complex() else torch.float64)
-    if g.dim() == 2:
-        g = g.unsqueeze(0)
     if not bool(torch.isfinite(torch.view_as_real(g) if g.is_complex() else g).all()):
         raise ValueError("Expected w to be finite, but it holds NaN or Inf entries")
-    # T_t = (WᴴW)^{2^(t-1)} = exp(L_t)·G_t with σ_1(T_t) = σ_1(W)^{2^t} ≤ exp(L_t)·‖G_t‖_F.
-    # Carry ℓ_t = L_t / 2^t; each step divides G_t by f_t = ‖G_t‖_F, so
-    # ℓ_{t+1} = ℓ_t + log f_t / 2^t and log σ_1 ≤ ℓ_T + log ‖G_T‖_F / 2^T.
-    f0 = torch.linalg.matrix_norm(g)
-    zero = f0 == 0
-    f0 = torch.where(zero, torch.ones_like(f0), f0)
-    g = g / f0[:, None, None].to(g.dtype)
-    ell = torch.log(f0)
-    # The first product on the smaller side: same non-zero spectrum, less work.
-    g = g @ g.mH if g.shape[1] < g.shape[2] else g.mH @ g
-    for t in range(1, n_iter):
-        f = torch.linalg.matrix_norm(g)
-        f = torch.where(f == 0, torch.ones_like(f), f)
-        g = g / f[:, None, None].to(g.dtype)
-        ell = ell + torch.log(f) / 2**t
-        g = g @ g
-    f = torch.linalg.matrix_norm(g)
-    f = torch.where(f == 0, torch.ones_like(f), f)
-    bound = torch.exp(ell + torch.log(f) / 2**n_iter)
-    bound = torch.where(zero, torch.zeros_like(bound), bound)
-    return round_up(float(bound.max()))
+    return round_up(float(gram_upper_bound(g, n_iter).max()))
 
 
 def matrix_norm_bound(w: torch.Tensor, method: str = "auto", exact_threshold: int = EXACT_THRESHOLD) -> float:

@@ -28,7 +28,9 @@ from einops import rearrange
 from torch import nn
 
 from .._checks import positive_int
-from .layer_facts import LayerView, layer_view, per_dim, weight_dtype
+from ..spectral.iteration import subspace_iteration
+from ..spectral.views import operator_for
+from .layer_facts import LayerView, layer_view, per_dim
 from .matrix import EXACT_THRESHOLD, matrix_norm_bound, round_up
 
 __all__ = ["window_multiplicity", "conv_fourier_bound", "conv_matrix_bound", "layer_bound", "operator_frobenius",
@@ -402,7 +404,9 @@ def power_sigma(module: nn.Module, input_shape: Sequence[int] | None = None, bn:
     """Power-iteration estimate of the layer's operator norm: a *lower* bound, never a certificate.
 
     ``v ← WᵀW v / ‖WᵀW v‖`` from a seeded random start, then ``‖W v‖``
-    (convolutions at ``input_shape``, in the weight's precision, float32 at least).
+    (convolutions at ``input_shape``, in the weight's precision, float32 at least):
+    :func:`robustcompress.spectral.iteration.subspace_iteration` with one
+    direction on the layer's operator (:func:`robustcompress.spectral.operator_for`).
 
     Args:
         module: a linear layer; input_shape: its input without batch (convolutions).
@@ -418,30 +422,16 @@ def power_sigma(module: nn.Module, input_shape: Sequence[int] | None = None, bn:
         True
     """
     n_iter = positive_int(n_iter, "n_iter")
-    layer = layer_view(module, bn)
-    dt = weight_dtype(module)
-    dt = torch.float64 if dt == torch.float64 else torch.float32
-    layer.kernel = layer.kernel.to(dt)
-    layer.mix = None if layer.mix is None else layer.mix.to(dt)
+    layer = layer_view(module, bn)  # a clear error for NaN / Inf weights or a bad BatchNorm
+    if layer.kind == "conv":
+        input_shape = _check_input_shape(layer, input_shape, module)
+    op = operator_for(module, "operator", input_shape if layer.kind == "conv" else None, bn)
     gen = torch.Generator().manual_seed(seed)
-    if layer.kind == "linear":
-        w = layer.kernel
-        v = torch.randn(w.shape[1], generator=gen, dtype=dt)
-        for _ in range(n_iter):
-            v = w.T @ (w @ v)
-            v = v / v.norm().clamp_min(torch.finfo(dt).tiny)
-        return float((w @ v).norm())
-    shape = _check_input_shape(layer, input_shape, module)
-    _with_padding(layer, shape[1:])
-    v = torch.randn(1, *shape, generator=gen, dtype=dt)
-    with torch.enable_grad():
-        for _ in range(n_iter):
-            x = (v / v.norm().clamp_min(torch.finfo(dt).tiny)).requires_grad_(True)
-            y = _apply_conv(layer, x)
-            (v,) = torch.autograd.grad(y, x, y.detach())
+    v = torch.randn(op.shape[1], 1, generator=gen, dtype=op.dtype).to(op.device)
     with torch.no_grad():
-        v = v / v.norm().clamp_min(torch.finfo(dt).tiny)
-        return float(_apply_conv(layer, v).norm())
+        # n_iter updates of v, then ‖W v‖: the Ritz value of the (n_iter+1)-th step.
+        res = subspace_iteration(lambda x: (lambda u0: (u0, op.rmatvec(u0)))(op.matvec(x)), v, n_iter + 1)
+    return float(res.sigma[0])
 
 
 def inf_to_2_bound(module: nn.Module, input_shape: Sequence[int] | None = None, bn: nn.Module | None = None,

@@ -49,13 +49,14 @@ from .activations import (
     METHOD_ACTIVATIONS,
     activation_lipschitz,
 )
-from .layer_facts import BATCHNORM_TYPES, LINEAR_TYPES, bn_folds_into, bn_scale, layer_view
+from ..layers import BATCHNORM_TYPES
+from .layer_facts import bound_kind, bn_folds_into, bn_scale, is_batchnorm, layer_view
 from .matrix import round_up
 from .norms import inf_to_2_bound, layer_bound, operator_frobenius
 from .pooling import POOL_FUNCTIONS, POOL_MODULES, pool_factor
 from .walk import CONST, NodeFactor, Val, Walk, nodes_in
 
-__all__ = ["Rule", "DROPOUT_TYPES", "OP_RULES", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES", "TABLES",
+__all__ = ["Rule", "DROPOUT_TYPES", "OP_RULES", "KIND_RULES", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES", "TABLES",
            "rule_for", "rule_kind", "linear_rule", "add_rule"]
 
 #: ``rule(walk, node)``: records the node's value in the walk.
@@ -105,7 +106,7 @@ def linear_rule(walk: Walk, node: fx.Node) -> None:
     bn, bn_name = None, ""
     users = list(node.users)
     if (bn_folds_into(mod, walk.shape(node)) and len(users) == 1 and users[0].op == "call_module"
-            and isinstance(walk.module(users[0]), BATCHNORM_TYPES)):
+            and is_batchnorm(walk.module(users[0]))):
         bn, bn_name = walk.module(users[0]), users[0].target
         bn_scale(bn, bn_name)  # a clear error naming the BatchNorm for a bad scale
         walk.folded[users[0]] = node
@@ -276,9 +277,12 @@ def mean_rule(walk: Walk, node: fx.Node) -> None:
 #: Rules per node kind that calls nothing.
 OP_RULES: dict[str, Rule] = {"placeholder": input_rule, "get_attr": const_rule, "output": output_rule}
 
+#: Rules per layer kind of the registry, as :func:`~robustcompress.bound.layer_facts.bound_kind` names it
+#: (looked up before :data:`MODULE_RULES`).
+KIND_RULES: dict[str, Rule] = {"linear": linear_rule, "conv": linear_rule}
+
 #: Rules per module type (looked up along the MRO).
 MODULE_RULES: dict[type, Rule] = {
-    **{t: linear_rule for t in LINEAR_TYPES},
     **{t: batchnorm_rule for t in BATCHNORM_TYPES},
     **{t: activation_module_rule for t in (*ACTIVATION_LIPSCHITZ, nn.LeakyReLU, nn.ELU, nn.GELU)},
     **{t: pool_module_rule for t in POOL_MODULES},
@@ -325,6 +329,9 @@ _KINDS = {linear_rule: "linear", batchnorm_rule: "bn", activation_module_rule: "
 
 
 def _lookup(key: object) -> Rule | None:
+    if isinstance(key, nn.Module):
+        kind = bound_kind(key)
+        return KIND_RULES[kind] if kind is not None else _lookup(type(key))
     if isinstance(key, type):
         return next((MODULE_RULES[t] for t in key.__mro__ if t in MODULE_RULES), None)
     if isinstance(key, str):
@@ -354,7 +361,7 @@ def rule_for(walk: Walk, node: fx.Node) -> Rule:
     """
     if node.op in OP_RULES:
         return OP_RULES[node.op]
-    key = type(walk.module(node)) if node.op == "call_module" else node.target
+    key = walk.module(node) if node.op == "call_module" else node.target
     rule = _lookup(key) if node.op in TABLES else None
     if rule is None:
         raise walk.no_rule(node)
@@ -362,16 +369,17 @@ def rule_for(walk: Walk, node: fx.Node) -> Rule:
 
 
 def rule_kind(key: object) -> str | None:
-    """The kind of factor (``"linear"``, ``"activation"``, …) a module type, function or method name gets.
+    """The kind of factor (``"linear"``, ``"activation"``, …) a module, module type, function or method name gets.
 
     Args:
-        key: a module type, a function, or a tensor method's name.
+        key: a module (layers are looked up by their registry kind), a module type, a function, or a tensor
+            method's name.
 
     Returns:
         The kind, or ``None`` when there is no rule.
 
     Example:
-        >>> rule_kind(nn.Linear), rule_kind(nn.LayerNorm)
+        >>> rule_kind(nn.Linear(2, 2)), rule_kind(nn.LayerNorm)
         ('linear', None)
     """
     rule = _lookup(key)

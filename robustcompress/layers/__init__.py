@@ -29,12 +29,14 @@ from .registry import (
     unregister_layer_kind,
 )
 from .specs import (
+    BATCHNORM_TYPES,
     ConvGeometry,
     LoRASpec,
     LowRankSpec,
     MatrixSpec,
     batchnorm_scale,
     check_spec,
+    is_batchnorm,
     slice_cols,
     slice_rows,
     with_row_scale,
@@ -43,6 +45,7 @@ from . import adapters, attention, builtin, recurrent  # noqa: F401,E402 - regis
 from .builtin import weight_of
 
 __all__ = [
+    "BATCHNORM_TYPES",
     "ConvGeometry",
     "Layer",
     "LayerCatalog",
@@ -59,6 +62,7 @@ __all__ = [
     "check_spec",
     "find_layers",
     "head_name",
+    "is_batchnorm",
     "layer_kind",
     "layer_kinds",
     "layer_views",

@@ -42,7 +42,9 @@ __all__ = [
     "LowRankSpec",
     "LoRASpec",
     "Spec",
+    "BATCHNORM_TYPES",
     "batchnorm_scale",
+    "is_batchnorm",
     "with_row_scale",
     "check_spec",
     "slice_rows",
@@ -136,10 +138,11 @@ class MatrixSpec:
     def matrix(self) -> torch.Tensor:
         """``M`` without the row scale: a strided view of the stored weight (a copy only for ``groups > 1``)."""
         if self.groups == 1:
-            return self._sliced()
+            return self.sliced()
         return torch.block_diag(*self.blocks().unbind(0))
 
-    def _sliced(self) -> torch.Tensor:
+    def sliced(self) -> torch.Tensor:
+        """``M`` before the block-diagonal layout of groups: ``(W or Wᵀ)[rows, cols]``, a strided view."""
         m = _orient(self.weight(), self.transpose)
         if self.rows is not None:
             m = m[self.rows]
@@ -149,12 +152,12 @@ class MatrixSpec:
 
     def blocks(self) -> torch.Tensor:
         """The ``g × (m/g) × n_g`` diagonal blocks (a view; ``g = 1``: ``1 × m × n``)."""
-        return rearrange(self._sliced(), "(g o) n -> g o n", g=self.groups)
+        return rearrange(self.sliced(), "(g o) n -> g o n", g=self.groups)
 
     @property
     def shape(self) -> tuple[int, int]:
         """``(m, n)`` of the operator (``n = groups · n_g``)."""
-        m, n = self._sliced().shape
+        m, n = self.sliced().shape
         return m, n * self.groups
 
     @property
@@ -225,7 +228,21 @@ class LoRASpec:
 Spec = Union[MatrixSpec, LowRankSpec, LoRASpec]
 
 
-def batchnorm_scale(bn: nn.Module) -> torch.Tensor:
+#: The normalisations that fold into the layer before them as ``diag(s)`` (eval mode).
+BATCHNORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, lazy variants).
+
+    Example:
+        >>> is_batchnorm(nn.BatchNorm2d(3)), is_batchnorm(nn.LayerNorm(3))
+        (True, False)
+    """
+    return isinstance(module, BATCHNORM_TYPES)
+
+
+def batchnorm_scale(bn: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-channel scale ``|γ| / √(running_var + ε)`` of an eval-mode BatchNorm (``|γ| = 1`` without affine).
 
     The eval-mode BatchNorm after a linear layer ``W`` applies
@@ -235,6 +252,8 @@ def batchnorm_scale(bn: nn.Module) -> torch.Tensor:
 
     Args:
         bn: a ``BatchNorm1d/2d/3d`` that tracks running statistics.
+        dtype: compute in this dtype (the statistics are converted first; the
+            certified bound asks for ``torch.float64``); default: theirs.
 
     Returns:
         A 1-D tensor of length ``num_features`` (differentiable in ``γ``).
@@ -243,14 +262,19 @@ def batchnorm_scale(bn: nn.Module) -> torch.Tensor:
         >>> bn = nn.BatchNorm1d(3).eval()
         >>> batchnorm_scale(bn)
         tensor([1.0000, 1.0000, 1.0000], grad_fn=<MulBackward0>)
+        >>> batchnorm_scale(bn, torch.float64).dtype
+        torch.float64
     """
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+    if not is_batchnorm(bn):
         raise TypeError(f"Expected a BatchNorm module, but got {type(bn).__name__}")
     if bn.running_var is None:
         raise ValueError("Expected a BatchNorm that tracks running statistics (track_running_stats=True), "
                          "but its running_var is None")
-    s = torch.rsqrt(bn.running_var + bn.eps)
-    return s if bn.weight is None else bn.weight.abs() * s
+    var = bn.running_var if dtype is None else bn.running_var.to(dtype)
+    s = torch.rsqrt(var + bn.eps)
+    if bn.weight is None:
+        return s
+    return (bn.weight if dtype is None else bn.weight.to(dtype)).abs() * s
 
 
 def with_row_scale(spec: Spec, row_scale: Callable[[], torch.Tensor]) -> Spec:
@@ -292,7 +316,7 @@ def check_spec(spec: Spec, where: str) -> tuple[int, int]:
                                      f"shape {tuple(full)} (stored shape {tuple(w.shape)})")
         if spec.groups < 1 or (spec.groups > 1 and (spec.rows is not None or spec.cols is not None)):
             raise ValueError(f"{where}: groups must be ≥ 1 and cannot be combined with slices, but got groups={spec.groups}")
-        m = spec._sliced().shape[0]
+        m = spec.sliced().shape[0]
         if m % spec.groups:
             raise ValueError(f"{where}: {m} rows are not divisible by groups={spec.groups}")
         shape = spec.shape

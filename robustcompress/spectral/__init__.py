@@ -20,7 +20,6 @@ from .backends import FusedBackend, ProductBackend, TorchBackend
 from .iteration import cholesky_qr2
 from .state import Coverage, SpectralState, observed_forward, record_input_shapes, unsupported_reason
 from .views import (
-    SUPPORTED_LAYERS,
     FunctionOperator,
     LinearOperator,
     LowRankView,
@@ -41,7 +40,6 @@ __all__ = [
     "record_input_shapes",
     "cholesky_qr2",
     "SpectralState",
-    "SUPPORTED_LAYERS",
     "unsupported_reason",
     "ProductBackend",
     "TorchBackend",

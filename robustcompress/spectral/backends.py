@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
 from .views import LinearOperator, LoRAView, MatrixView
 
 __all__ = ["ProductBackend", "TorchBackend", "FusedBackend", "BATCH_MAX_NUMEL", "ONE_READ_MIN_NUMEL"]
@@ -131,7 +132,7 @@ def _blocked_products(op: MatrixView, v: torch.Tensor) -> tuple[torch.Tensor, to
     w = op.spec.matrix()
     m, n = w.shape
     rows = max(8, min(64, (1 << 20) // max(1, n * w.element_size())))
-    s = op._scale()
+    s = op.scale()
     u0 = torch.empty(m, v.shape[1], dtype=op.dtype, device=v.device)
     y = torch.zeros(n, v.shape[1], dtype=op.dtype, device=v.device)
     for i in range(0, m, rows):
@@ -213,8 +214,6 @@ class FusedBackend(ProductBackend):
                 raise RuntimeError("backend='triton' but no layer is one the kernel runs: a matrix view or LoRA view "
                                    "with float32, bfloat16 or float16 weights")
             return {}
-        from .. import kernels
-
         if not kernels.triton_available(ops[eligible[0]].device):
             if self.strict:
                 raise RuntimeError("backend='triton' requested but Triton is not available for these tensors "

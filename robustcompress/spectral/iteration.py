@@ -179,37 +179,43 @@ def subspace_iteration(products: Callable[[torch.Tensor], tuple[torch.Tensor, to
 
 
 def gram_upper_bound(matrix: torch.Tensor, n_iter: int = 6) -> torch.Tensor:
-    """Upper bound of ``σ_1`` by Gram iteration: ``σ_1(W) ≤ ‖(WᵀW)^{2^{t-1}}‖_F^{1/2^t}``.
+    """Upper bound of ``σ_1`` by Gram iteration: ``σ_1(W) ≤ ‖(WᴴW)^{2^{t-1}}‖_F^{1/2^t}``.
 
-    Each Gram matrix is divided by its Frobenius norm and the log-scale is
-    carried along, so nothing overflows; computed in float64. The bound
-    decreases to ``σ_1`` with ``t`` (ratio at most ``rank^{1/2^t}``).
+    ``G_1 = WᴴW`` (on the smaller side), ``G_{t+1} = G_t²``; ``σ_1(W)^{2^t} =
+    σ_1(G_t) ≤ ‖G_t‖_F``. Each ``G_t`` is divided by its Frobenius norm and the
+    log-scale is carried along, so nothing overflows; computed in float64
+    (complex128 for complex input). The bound decreases to ``σ_1`` with ``t``
+    (ratio at most ``rank^{1/2^t}``). This is the package's one Gram iteration:
+    the certified :func:`robustcompress.bound.gram_iteration_bound` adds its
+    rounding margin on top.
 
     Args:
-        matrix: ``… × m × n``.
+        matrix: ``… × m × n``, real or complex.
         n_iter: Gram steps ``t ≥ 1``.
 
     Returns:
-        float64 tensor ``…`` of upper bounds (no rounding margin: see
-        :mod:`robustcompress.bound` for certificates).
+        float64 tensor ``…`` of upper bounds (0 for a zero matrix; no rounding
+        margin: see :mod:`robustcompress.bound` for certificates).
 
     Example:
         >>> abs(float(gram_upper_bound(torch.diag(torch.tensor([3.0, 1.0])))) - 3.0) < 1e-6
         True
     """
-    g = matrix.detach().to(torch.float64)
+    g = matrix.detach()
+    g = g.to(torch.complex128 if g.is_complex() else torch.float64)
     # σ_1(W) = c · σ_1(W/c): scale by the largest entry first so neither the
     # norm nor the first Gram product can overflow.
     f0 = g.abs().amax(dim=(-2, -1))
-    f0 = torch.where(f0 == 0, torch.ones_like(f0), f0)
-    g = g / f0[..., None, None]
+    zero = f0 == 0
+    f0 = torch.where(zero, torch.ones_like(f0), f0)
+    g = g / f0[..., None, None].to(g.dtype)
     ell = torch.log(f0)
-    g = g @ g.mT if g.shape[-2] < g.shape[-1] else g.mT @ g
+    g = g @ g.mH if g.shape[-2] < g.shape[-1] else g.mH @ g
     for t in range(1, n_iter + 1):
         f = torch.linalg.matrix_norm(g)
         f = torch.where(f == 0, torch.ones_like(f), f)
-        g = g / f[..., None, None]
+        g = g / f[..., None, None].to(g.dtype)
         ell = ell + torch.log(f) / 2**t
         if t < n_iter:
             g = g @ g
-    return torch.exp(ell)
+    return torch.where(zero, torch.zeros_like(ell), torch.exp(ell))

@@ -33,8 +33,6 @@ from torch import nn
 
 from ..layers import (
     LoRASpec,
-    LowRankConv2d,
-    LowRankLinear,
     LowRankSpec,
     MatrixSpec,
     batchnorm_scale,
@@ -52,11 +50,7 @@ __all__ = [
     "matrix_view",
     "conv_operator",
     "operator_for",
-    "SUPPORTED_LAYERS",
 ]
-
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, LowRankLinear, LowRankConv2d)
-
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Half-precision weights are iterated in float32: the Gram matrices of
@@ -155,7 +149,7 @@ class MatrixView(LinearOperator):
         A row-sliced view of a contiguous weight (packed Q/K/V, RNN gates) is
         contiguous with an offset; a transposed or column-sliced one is not.
         """
-        return self.spec.weight() if self.plain else self.spec.matrix() if self.groups == 1 else self.spec._sliced()
+        return self.spec.weight() if self.plain else self.spec.matrix() if self.groups == 1 else self.spec.sliced()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -176,7 +170,8 @@ class MatrixView(LinearOperator):
     def dtype(self):
         return _compute_dtype(self.spec.weight().dtype)
 
-    def _scale(self) -> torch.Tensor | None:
+    def scale(self) -> torch.Tensor | None:
+        """The row scale ``s`` (a folded BatchNorm) in the compute dtype, or None."""
         return None if self.row_scale is None else self.row_scale().to(self.dtype)
 
     def _m(self) -> torch.Tensor:
@@ -188,8 +183,8 @@ class MatrixView(LinearOperator):
 
     def matrix2d(self) -> torch.Tensor:
         """The row-scaled ``M`` as ``out × (in/g·k…)`` (for ungrouped layers, the matrix)."""
-        w = self.spec._sliced().to(self.dtype)
-        s = self._scale()
+        w = self.spec.sliced().to(self.dtype)
+        s = self.scale()
         return w if s is None else s[:, None] * w
 
     def matvec(self, v):
@@ -200,11 +195,11 @@ class MatrixView(LinearOperator):
         else:
             vg = rearrange(v, "(g c) k -> g c k", g=self.groups)
             out = rearrange(torch.bmm(self._blocks_raw(), vg), "g o k -> (g o) k")
-        s = self._scale()
+        s = self.scale()
         return out if s is None else s[:, None] * out
 
     def rmatvec(self, u):
-        s = self._scale()
+        s = self.scale()
         if s is not None:
             u = s[:, None] * u
         if self.groups == 1:
@@ -214,7 +209,7 @@ class MatrixView(LinearOperator):
 
     def blocks(self):
         b = self._blocks_raw()
-        s = self._scale()
+        s = self.scale()
         if s is not None:
             b = rearrange(s, "(g o) -> g o 1", g=self.groups) * b
         return list(b.unbind(0))
@@ -277,32 +272,33 @@ class LowRankView(LinearOperator):
     def _factors(self):
         return self.spec.a.matrix().to(self.dtype), self.spec.b.matrix().to(self.dtype)
 
-    def _scale(self):
+    def scale(self) -> torch.Tensor | None:
+        """The row scale ``s`` (a folded BatchNorm) in the compute dtype, or None."""
         return None if self.row_scale is None else self.row_scale().to(self.dtype)
 
     def matvec(self, v):
         a, b = self._factors()
         out = b @ (a @ v)
-        s = self._scale()
+        s = self.scale()
         return out if s is None else s[:, None] * out
 
     def rmatvec(self, u):
         a, b = self._factors()
-        s = self._scale()
+        s = self.scale()
         if s is not None:
             u = s[:, None] * u
         return a.T @ (b.T @ u)
 
     def matrix(self):
         a, b = self._factors()
-        s = self._scale()
+        s = self.scale()
         w = b @ a
         return w if s is None else s[:, None] * w
 
     def frobenius(self):
         # ‖BA‖_F² = tr((BᵀB)(AAᵀ)) without forming BA: r × r work.
         a, b = self._factors()
-        s = self._scale()
+        s = self.scale()
         if s is not None:
             b = s[:, None] * b
         return ((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt()
