@@ -1,9 +1,11 @@
 """The spectral core: operator views of layers, warm-started subspace iteration, the shared state.
 
 * :mod:`.views` — layers as :class:`LinearOperator` objects (matrix, low-rank, exact convolution);
-* :mod:`.iteration` — building blocks of the iteration (:func:`cholesky_qr2`);
+* :mod:`.iteration` — the iteration core (:func:`ritz_step`, :func:`subspace_iteration`, :func:`cholesky_qr2`);
 * :mod:`.backends` — product back-ends (torch, fused Triton kernel) with one interface;
-* :mod:`.state` — layer discovery and :class:`SpectralState`, the one state per model.
+* :mod:`.sharded` — FSDP2 (DTensor) weights iterated on their local shards;
+* :mod:`.discovery` — observed forward passes, input shapes, BatchNorm successors, coverage;
+* :mod:`.state` — :class:`SpectralState`, the one state per model (warm vectors, residual intervals).
 
 Example:
     >>> import torch
@@ -18,7 +20,8 @@ Example:
 
 from .backends import FusedBackend, ProductBackend, TorchBackend
 from .iteration import cholesky_qr2
-from .state import Coverage, SpectralState, observed_forward, record_input_shapes, unsupported_reason
+from .discovery import Coverage, observed_forward, record_input_shapes, unsupported_reason
+from .state import SpectralState
 from .views import (
     FunctionOperator,
     LinearOperator,
