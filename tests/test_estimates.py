@@ -163,3 +163,13 @@ def test_refinement_arguments_are_checked():
         SpectralState(model, refine_tol="small")
     with pytest.raises(ValueError, match="gram_iter"):
         SpectralState(model).sigma1_bounds("0", gram_iter=-1)
+
+
+def test_a_zero_layer_takes_no_refinement_budget():
+    model = nn.Sequential(*[nn.Linear(20, 20) for _ in range(4)])
+    with torch.no_grad():
+        model[3].weight.zero_()
+    state = SpectralState(model, refine_budget=0.5, refine_tol=0.0)
+    for _ in range(3):
+        state.step()
+        assert "3" not in state._last_plan

@@ -250,3 +250,15 @@ def test_tracker_state_dict_round_trip_and_mismatches():
         track(model, every=2, state=SpectralState(model)).load_state_dict(sd)
     with pytest.raises(ValueError, match="keys"):
         track(model, every=2).load_state_dict({"steps": 3})
+
+
+def test_large_finite_half_outputs_are_not_reported_as_nan():
+    layer = nn.Linear(64, 1024).half()
+    with torch.no_grad():
+        layer.weight.fill_(0.01)
+        layer.bias.fill_(0.5)
+    model = nn.Sequential(layer)
+    t = track(model, every=100, weights=False)
+    out = model(torch.ones(128, 64, dtype=torch.half))  # element sum ≈ 1.5e5 > fp16's 65504
+    assert torch.isfinite(out).all()
+    t.remove()

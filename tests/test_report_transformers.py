@@ -26,12 +26,26 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def _true_operator(model, name):
+    """The matrix a row describes, built by hand: a module's weight (Wᵀ for transformers' Conv1D, stored
+    in × out), or one of GPT-2's packed ``c_attn`` projections ``name.q/k/v`` (row blocks of ``c_attnᵀ``)."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        parent, view = name.rsplit(".", 1)
+        w = model.get_submodule(parent).weight.detach().double().T
+        d = w.shape[0] // 3
+        return w[{"q": 0, "k": 1, "v": 2}[view] * d:][:d]
+    w = module.weight.detach().double()
+    return w.T if type(module).__name__ == "Conv1D" else w
+
+
 def _check_table(model, rows):
     """Every layer row matches float64 svdvals of its weight; the network row is one uncertified line."""
     layers, net = rows[:-1], rows[-1]
     assert layers, "the per-layer table is empty"
     for r in layers:
-        w = model.get_submodule(r["name"]).weight.detach().double()
+        w = _true_operator(model, r["name"])
         s = torch.linalg.svdvals(w.flatten(1))
         assert r["frobenius"] == pytest.approx(float(s.norm()), rel=1e-6), r["name"]
         if r["sigma_bound"] is not None and w.dim() == 2:
@@ -51,7 +65,9 @@ def test_gpt2_tokens_stop_at_the_embedding():
     ids = torch.randint(0, 50, (2, 8))
     rows = _quiet(report, model, example_input={"input_ids": ids}, k=2)
     net = _check_table(model, rows)
-    assert "lm_head" in [r["name"] for r in rows[:-1]]
+    names = [r["name"] for r in rows[:-1]]
+    # Every Conv1D projection has a row (packed c_attn as q/k/v); lm_head is tied to the token embedding, left out.
+    assert {"transformer.h.1.attn.c_attn.v", "transformer.h.1.mlp.c_proj"} <= set(names) and "lm_head" not in names
     assert net["stopped_at"] == "transformer.wte" and "Embedding" in net["note"] and "integer tokens" in net["note"]
     # The same on a bare tensor of token ids.
     assert _quiet(report, model, example_input=ids, k=2)[-1]["stopped_at"] == "transformer.wte"

@@ -306,9 +306,9 @@ class ShardedView(LinearOperator):
         """
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
-        if not hasattr(buf, "R"):
+        if not hasattr(buf, "Rv"):
             # c_jᵀ A b_j after the last step: a cache (not saved), rebuilt by every step.
-            buf.register_buffer("R", torch.zeros_like(buf.S), persistent=False)
+            buf.register_buffer("Rv", torch.zeros_like(buf.S), persistent=False)
         _, sharded = self.blocks_of(buf)
         if self.side == "replicated" or is_sharded(getattr(buf, sharded)):
             return
@@ -338,7 +338,7 @@ class ShardedView(LinearOperator):
         c = getattr(buf, sharded)
         c = (c.to_local() if is_sharded(c) else c)[:, :count].detach()
         partial = (c * (self.iterated_local() @ b)).sum(0)
-        return buf.R[:count].to(partial.dtype) + (partial - partial.detach())
+        return buf.Rv[:count].to(partial.dtype) + (partial - partial.detach())
 
     def frobenius_expr(self, buf: nn.Module) -> torch.Tensor:
         """Differentiable ``‖M‖_F``: the reduced value, gradient ``M_r / ‖M‖_F`` on the local shard."""
@@ -470,7 +470,7 @@ class ShardedBackend:
             p, z, f2 = parts[name]
             warm, sharded = op.blocks_of(buf)
             c = getattr(buf, sharded)
-            ok = ritz_update(p, z, getattr(buf, warm), c.to_local() if is_sharded(c) else c, buf.S, buf.R)
+            ok = ritz_update(p, z, getattr(buf, warm), c.to_local() if is_sharded(c) else c, buf.S, buf.Rv)
             ok = ok & torch.isfinite(f2)
             op._frob2 = f2.clone()
             op._stamp = op._stamp_now(buf)

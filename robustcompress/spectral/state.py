@@ -661,7 +661,6 @@ class SpectralState(nn.Module):
                                              for n in self._names]))
         #: layer-iterations run so far (base iterations plus refinement), for cost accounting
         self.layer_iterations += n_iter * len(self._names) + sum(plan.values())
-        self._snapshot_residuals()
         ok_t = torch.stack(finite_flags).all(0)
         s0 = torch.stack(torch._foreach_max([self.layers[_key(n)].S for n in self._names])).to(ok_t.device)
         ok, top = torch.stack([ok_t.to(torch.float64), s0.to(torch.float64)]).tolist()
@@ -674,12 +673,17 @@ class SpectralState(nn.Module):
         # their products may have lost precision; rerun them scaled.
         new = [n for n in outside if n not in self._scaled and n not in bad]
         self._scaled = outside
+        # A sharded layer has no global product to probe a scale with: its bad products are reported as they are.
+        bad_sharded = [n for n, lc in zip(self._names, local) if not lc and n in bad]
+        bad = [n for n in bad if n not in bad_sharded]
         if bad or unknown or new:
             # Finite weights whose products overflowed or underflowed at the
             # last estimate's scale are rerun at a probed scale, not blamed.
             nonfinite = self._rescue(bad + unknown + new, n_iter)
             self._scaled |= {n for n in bad + unknown + new if n not in nonfinite}
             bad = [n for n in nonfinite if n in bad]
+        bad += bad_sharded
+        self._snapshot_residuals()
         if bad:
             msg = (f"Non-finite values (NaN/Inf) in the weights of layer(s) {bad}; "
                    "their spectral state was left unchanged")
@@ -690,8 +694,11 @@ class SpectralState(nn.Module):
     def _relative_residuals(self) -> torch.Tensor:
         # Sharded layers keep no residual (their update runs on reduced blocks) and are
         # never refined: an extra iteration would be an extra collective on every rank.
+        # A zero (or skipped non-finite) layer has no residual to reduce (C = 0, R = inf):
+        # it is not refined either, or it would take budget every step and never converge.
         tops = [torch.zeros(1) if isinstance(self._ops[n], ShardedView) else
-                (b.R[:1] / b.C[:1].clamp_min(torch.finfo(b.C.dtype).tiny)).float()
+                torch.where((b.C[:1] > 0) & torch.isfinite(b.R[:1]),
+                            b.R[:1] / b.C[:1].clamp_min(torch.finfo(b.C.dtype).tiny), 0.0).float()
                 for n, b in ((n, self.layers[_key(n)]) for n in self._names)]
         return torch.cat([t.to(self.steps.device) for t in tops])
 
@@ -895,11 +902,13 @@ class SpectralState(nn.Module):
                 if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                     continue  # missing, or not a tensor: torch's own checks report it
                 where = f"Cannot load the SpectralState: buffer {key!r} of layer {name!r}"
+                sharded = hasattr(t, "to_local")  # a DTensor (FSDP2): check this rank's block only
+                t = t.to_local() if sharded else t
                 if not bool(torch.isfinite(t).all()):
                     raise ValueError(f"{where} holds non-finite values (NaN/Inf)")
                 if buf == "S" and bool((t < 0).any()):
                     raise ValueError(f"{where} holds negative singular value estimates {t.tolist()}")
-                if buf == "V" and t.dim() == 2:
+                if buf == "V" and t.dim() == 2 and not sharded:
                     gram = t.double().T @ t.double()
                     err = float((gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).abs().max())
                     if err > max(1e-3, 8 * torch.finfo(t.dtype).eps):
