@@ -106,7 +106,7 @@ class DemoConfig:
         group_lasso: strength ``λ`` of ``λ Σ_i ‖w_i‖_2``.
         penalty: strength ``μ`` of ``μ Σ_l σ₁(W_l)²`` (hidden layers).
         eps_linf, eps_l2: PGD budgets in input units (pixels in [0, 1]).
-        pgd_steps, pgd_restarts: PGD iterations (step size 2.5·ε/steps) and random restarts.
+        pgd_steps, pgd_restarts: PGD iterations (the default APGD step-size schedule) and starts (the first at x, the rest random).
         uap_eps, uap_epochs: L∞ budget and passes of the universal perturbation.
         max_loss: accuracy loss allowed when measuring the prunable fraction (0.01 = 1 point).
         eval_examples: test examples used for attacks and radii (0: all).
@@ -376,7 +376,7 @@ def measure(
 
     * ``clean``: test accuracy;
     * ``pgd_linf`` / ``pgd_l2``: PGD robust accuracy (``cfg.pgd_steps`` steps,
-      step 2.5·ε/steps, random start, cross-entropy) at ``cfg.eps_linf`` / ``cfg.eps_l2``;
+      APGD step-size schedule, first start at x, cross-entropy) at ``cfg.eps_linf`` / ``cfg.eps_l2``;
     * ``uap``: fooling rate on the test set of one L∞ universal perturbation
       (budget ``cfg.uap_eps``) fitted on the training set;
     * ``prunable``: share of hidden neurons :func:`robustcompress.compress.prune`
@@ -464,8 +464,8 @@ def format_table(rows: dict[str, dict[str, Any]], cfg: DemoConfig, n_train: int,
         f"{cfg.epochs} epochs AdamW lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, batch {cfg.batch_size}",
         f"low-rank: hidden layers rank {cfg.rank}; group-lasso: λ={cfg.group_lasso:g}·Σ‖w_i‖₂; "
         f"+ penalty: μ={cfg.penalty:g}·Σσ₁² (hidden layers)",
-        f"PGD-L∞ ε={cfg.eps_linf:g}, PGD-L2 ε={cfg.eps_l2:g}: {cfg.pgd_steps} steps of 2.5ε/{cfg.pgd_steps}, "
-        f"{cfg.pgd_restarts} random start(s), {n_eval} test examples; UAP: L∞ ε={cfg.uap_eps:g}, "
+        f"PGD-L∞ ε={cfg.eps_linf:g}, PGD-L2 ε={cfg.eps_l2:g}: {cfg.pgd_steps} steps, APGD step-size schedule, "
+        f"{cfg.pgd_restarts} start(s) (the first at x), {n_eval} test examples; UAP: L∞ ε={cfg.uap_eps:g}, "
         f"{cfg.uap_epochs} epochs on train, fooling rate on test",
         f"prunable: share of hidden neurons removed at ≤ {100 * cfg.max_loss:g} point(s) test accuracy loss; "
         "rank99: per hidden layer; K₂: certified L2 Lipschitz bound; L2 radius: median certified radius",
