@@ -52,6 +52,7 @@ from transformers import TrainerCallback
 from ..hooks import Tracker, track
 from ..optim import PenaltyHooks, Projection
 from ..spectral import SpectralState
+from .callback_state import CallbackState
 
 __all__ = ["PenaltyCallback", "STATE_FILE"]
 
@@ -59,7 +60,7 @@ __all__ = ["PenaltyCallback", "STATE_FILE"]
 STATE_FILE = "robustcompress.pt"
 
 
-class PenaltyCallback(TrainerCallback):
+class PenaltyCallback(CallbackState, TrainerCallback):
     """Add penalties (and projections) to a ``transformers.Trainer`` run; save them with its checkpoints.
 
     Args:
@@ -138,27 +139,6 @@ class PenaltyCallback(TrainerCallback):
             state.log_history[-1].update(extra)
 
     # -------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """``{"penalties": PenaltyHooks.state_dict(), "tracker": Tracker.state_dict() or None}``."""
-        tracker = self.tracker.state_dict() if self.tracker is not None else self._tracker_state
-        return {"penalties": self.hooks.state_dict(), "tracker": tracker}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved (checked before anything is loaded)."""
-        if not isinstance(state_dict, dict) or set(state_dict) != {"penalties", "tracker"}:
-            raise ValueError("Expected the state of a robustcompress PenaltyCallback (keys penalties, tracker), "
-                             f"but got {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict)}")
-        saved_tracker = state_dict["tracker"]
-        if (saved_tracker is None) != (self.track_every is None):
-            raise ValueError(f"The checkpoint's callback {'had no' if saved_tracker is None else 'had a'} tracker; "
-                             f"this one has track_every={self.track_every}")
-        self.hooks.check_state_dict(state_dict["penalties"])
-        if self.tracker is not None and saved_tracker is not None:
-            self.tracker.load_state_dict(saved_tracker)
-        else:
-            self._tracker_state = saved_tracker
-        self.hooks.load_state_dict(state_dict["penalties"])
-
     def load(self, path: str | os.PathLike) -> None:
         """Load the state from a ``checkpoint-N`` folder or a ``robustcompress.pt`` file.
 

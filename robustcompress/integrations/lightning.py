@@ -56,16 +56,16 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
-import torch
 
 from ..hooks import Tracker, track
 from ..optim import PenaltyHooks, Projection
 from ..spectral import SpectralState
+from .callback_state import CallbackState
 
 __all__ = ["PenaltyCallback"]
 
 
-class PenaltyCallback(pl.Callback):
+class PenaltyCallback(CallbackState, pl.Callback):
     """Add penalties (and projections) to a Lightning training run; save them in its checkpoints.
 
     Args:
@@ -145,25 +145,3 @@ class PenaltyCallback(pl.Callback):
             self._logged_steps = self.hooks.steps
         if metrics:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=trainer.logger is not None, prog_bar=False)
-
-    # -------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """``{"penalties": PenaltyHooks.state_dict(), "tracker": Tracker.state_dict() or None}``."""
-        tracker = self.tracker.state_dict() if self.tracker is not None else self._tracker_state
-        return {"penalties": self.hooks.state_dict(), "tracker": tracker}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved (checked before anything is loaded)."""
-        if not isinstance(state_dict, dict) or set(state_dict) != {"penalties", "tracker"}:
-            raise ValueError("Expected the state of a robustcompress PenaltyCallback (keys penalties, tracker), "
-                             f"but got {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict)}")
-        saved_tracker = state_dict["tracker"]
-        if (saved_tracker is None) != (self.track_every is None):
-            raise ValueError(f"The checkpoint's callback {'had no' if saved_tracker is None else 'had a'} tracker; "
-                             f"this one has track_every={self.track_every}")
-        self.hooks.check_state_dict(state_dict["penalties"])
-        if self.tracker is not None and saved_tracker is not None:
-            self.tracker.load_state_dict(saved_tracker)
-        else:
-            self._tracker_state = saved_tracker
-        self.hooks.load_state_dict(state_dict["penalties"])
