@@ -12,6 +12,7 @@ import math
 import pathlib
 import re
 import statistics
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -263,6 +264,16 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 
 def load(path: pathlib.Path, fresh: bool) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not fresh else {}
+
+
+def load_matching(path: pathlib.Path, fresh: bool, settings: dict) -> dict | None:
+    """Stored results made with ``settings`` (recorded under ``"_meta"``); None, with a message, if they were not."""
+    results = load(path, fresh)
+    if results.get("_meta", settings) != settings:
+        print(f"stored results use {results['_meta']}, not {settings}: pass --fresh or the same flags", file=sys.stderr)
+        return None
+    results["_meta"] = settings
+    return results
 
 
 def save(path: pathlib.Path, results: dict) -> None:

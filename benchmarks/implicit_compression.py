@@ -334,12 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     path = pathlib.Path(args.results)
-    results = C.load(path, args.fresh)
-    settings = {"epochs_scale": args.epochs_scale, "quick": args.quick}
-    if results.get("_meta", settings) != settings:
-        print(f"stored results use {results['_meta']}, not {settings}: pass --fresh or the same flags", file=sys.stderr)
+    results = C.load_matching(path, args.fresh, {"epochs_scale": args.epochs_scale, "quick": args.quick})
+    if results is None:
         return 2
-    results["_meta"] = settings
     dyn = grid(args.epochs_scale)
 
     def run_all(specs: list[Dyn]) -> None:
