@@ -6,7 +6,6 @@ scripts keep working while the package's modules move. Not a public module.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import pathlib
@@ -22,6 +21,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import robustcompress as rc
+from robustcompress.demo import prunable_fraction
 
 EPS_LINF = (0.05, 0.1)
 EPS_L2 = 0.5
@@ -34,21 +34,6 @@ UAP_EPS = 0.1
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Linear and LowRankLinear layers in module order (the head is the last one)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, rc.LowRankLinear))]
-
-
-def dense_copy(model: nn.Module) -> nn.Module:
-    """A deep copy with every LowRankLinear replaced by the nn.Linear of weight B·A (same function)."""
-    out = copy.deepcopy(model)
-    for name, module in list(out.named_modules()):
-        if isinstance(module, rc.LowRankLinear):
-            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            with torch.no_grad():
-                dense.weight.copy_(module.weight)
-                if module.bias is not None:
-                    dense.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(out.get_submodule(parent) if parent else out, child, dense)
-    return out
 
 
 def spectrum(w: torch.Tensor) -> torch.Tensor:
@@ -106,34 +91,6 @@ def train(model: nn.Module, data: TensorDataset, *, epochs: int, batch_size: int
 
 
 # ----------------------------------------------------------------------------- measuring
-
-
-def prunable_fraction(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], max_loss: float = 0.01,
-                      resolution: float = 0.02) -> float:
-    """Largest share of hidden neurons ``rc.prune`` (row-norm, no fine-tuning) removes at ≤ ``max_loss`` accuracy loss.
-
-    Bisection over amounts on a grid of step ``resolution`` (as the demo does); low-rank layers are pruned as B·A.
-    """
-    x, y = data
-    dense = dense_copy(model)
-    base = rc.accuracy(dense, (x, y))
-    total = sum(m.out_features for _, m in weight_layers(dense)[:-1])
-
-    def removed_if_ok(amount: float) -> float | None:
-        pruned = rc.prune(dense, amount, example_inputs=x[:1])
-        if rc.accuracy(pruned, (x, y)) < base - max_loss - 1e-12:
-            return None
-        return 1.0 - sum(m.out_features for _, m in weight_layers(pruned)[:-1]) / total
-
-    lo, hi, best = 0, int(math.floor(0.999999 / resolution)) + 1, 0.0
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        share = removed_if_ok(mid * resolution)
-        if share is None:
-            hi = mid
-        else:
-            lo, best = mid, max(best, share)
-    return best
 
 
 def normalised_margin(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -210,7 +167,7 @@ def measure(model: nn.Module, train_set: TensorDataset, test_set: TensorDataset,
         split = bound.log_split or {}
         row["log_scale"], row["log_concentration"] = split.get("scale"), split.get("concentration")
     if "prune" in parts:
-        row["prunable"] = prunable_fraction(model, (x, y))
+        row["prunable"] = prunable_fraction(model, (x, y))  # the demo's measure: bisection over rc.prune amounts
     if "spectra" in parts:
         chosen = layers if layers is not None else weight_layers(model)[:-1]
         row["layers"] = {n: spectral_stats(m.weight) for n, m in chosen}

@@ -81,14 +81,6 @@ def test_jacobian_sensitivity_of_a_linear_model_is_its_norms():
     assert math.isclose(got["jac_linf_mean"], float(w.abs().sum(1).max()), rel_tol=1e-9)
 
 
-def test_dense_copy_keeps_the_function():
-    model = rc.to_low_rank(rc.MLP(8, (16, 16), 3), 2, from_weights=False)
-    dense = C.dense_copy(model)
-    assert not any(isinstance(m, rc.LowRankLinear) for m in dense.modules())
-    x = torch.rand(4, 8)
-    torch.testing.assert_close(dense(x), model(x))
-
-
 def test_vit_projections_are_tracked_and_factorised():
     model = ViTDigits(patch=4, dim=16, depth=2, heads=2, mlp=32)
     assert model(torch.rand(3, 64)).shape == (3, 10)
