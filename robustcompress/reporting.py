@@ -43,7 +43,7 @@ from .bound.layer_facts import can_be_head, is_conv, is_linear, operator_shape, 
 from .metrics import layer_metrics
 from .spectral import SpectralState
 
-__all__ = ["report", "format_report"]
+__all__ = ["report", "format_report", "json_safe"]
 
 #: Columns of the printed table: (row key, header).
 _COLUMNS = (
@@ -223,13 +223,14 @@ def _uncertified_rows(model: nn.Module, example: Any, k: int, exact_threshold: i
     return rows
 
 
-def _json_safe(v: Any) -> Any:
+def json_safe(v: Any) -> Any:
+    """Rows as valid JSON: non-finite floats become ``None`` (``null``), recursively through dicts and lists."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
-        return {key: _json_safe(x) for key, x in v.items()}
+        return {key: json_safe(x) for key, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
+        return [json_safe(x) for x in v]
     return v
 
 
@@ -305,7 +306,7 @@ def report(
         rows.append({"name": "network", "certified": False, "K2": None, "Kinf": None,
                      "input_shape": list(shape) if shape is not None else None, "units": "", "note": stop.line,
                      "log_split": None, "stopped_at": stop.module})
-    return _json_safe(rows)
+    return json_safe(rows)
 
 
 def _fmt(v: Any) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import re
 import sys
 import warnings
@@ -30,6 +29,7 @@ from torch import nn
 from .._utils import batches
 from ..compress.exporting import load_exported, read_torch_file
 from ..data import digits
+from ..reporting import json_safe
 
 __all__ = ["add_model_arguments", "add_data_arguments", "parse_shape", "model_factory", "load_model",
            "load_data", "example_input", "run_guarded", "json_safe"]
@@ -196,17 +196,6 @@ def example_input(data: Any, shape: tuple[int, ...] | None, model: nn.Module) ->
         first = next(iter(model.parameters()), None)
         return torch.zeros(1, *shape, dtype=first.dtype if first is not None else torch.float32)
     return None
-
-
-def json_safe(value: Any) -> Any:
-    """Non-finite floats as ``null`` (JSON has no such numbers), as :func:`~robustcompress.reporting.report` does."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
