@@ -140,7 +140,7 @@ def measure(model: nn.Module, train_set: TensorDataset, test_set: TensorDataset,
     """Robustness and compressibility of a trained model.
 
     Keys: ``clean``; ``pgd_linf`` (ε=0.1), ``pgd_linf_005``, ``pgd_l2`` (ε=0.5) with PGD of ``pgd_steps``
-    steps (2.5ε/steps, one random start); ``uap`` (fooling rate of one L∞ ε=0.1 universal perturbation);
+    steps (the default APGD step-size schedule, one random start); ``uap`` (fooling rate of one L∞ ε=0.1 universal perturbation);
     ``k2`` and ``log_scale`` / ``log_concentration`` (certified bound, when the model has a rule);
     ``prunable``; per measured layer ``layers`` → ``{name: spectral_stats}``; ``norm_margin``.
     ``layers`` defaults to the hidden weight layers (all but the head).
