@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -60,6 +61,8 @@ __all__ = [
     "default_penalties",
     "unwrap_model",
     "DEFAULT_STRENGTH",
+    "SpectralMode",
+    "SPECTRAL_MODES",
 ]
 
 #: Strength of the σ₁² term in :func:`default_penalties` (chosen on the digits MLP, see its docstring).
@@ -414,6 +417,54 @@ class PenaltySum(nn.Module):
 
 
 # ====================================================================== head terms
+@dataclass(frozen=True)
+class SpectralMode:
+    """One way to turn a layer's ``σ₁`` into a loss ``f(σ₁)``: an entry of :data:`SPECTRAL_MODES`.
+
+    ``value(σ, c)`` is ``f`` (differentiable: :class:`SpectralNormPenalty`
+    takes autograd through it when the layer has no closed form) and
+    ``slope(σ, c)`` its derivative ``f′`` for the closed-form rank-one update
+    ``f′(σ₁)·u vᵀ``; the two must agree wherever autograd of ``value`` is
+    defined. ``c`` is the mode's one parameter (``None`` when it takes none):
+    the keyword ``option`` of the penalty, with ``default`` when not given
+    (``None``: required). ``includes_head``: the mode selects the head layer
+    by default (a chain quantity such as ``log K₂`` needs every layer).
+
+    Example:
+        >>> s = torch.tensor(3.0)
+        >>> SPECTRAL_MODES["hinge"].value(s, 1.0), SPECTRAL_MODES["hinge"].slope(s, 1.0)
+        (tensor(4.), tensor(4.))
+    """
+
+    value: Callable[[torch.Tensor, float | None], torch.Tensor]
+    slope: Callable[[torch.Tensor, float | None], torch.Tensor]
+    option: str | None = None
+    default: float | None = None
+    meaning: str = ""
+    includes_head: bool = False
+
+
+def _log_slope(s: torch.Tensor, floor: float) -> torch.Tensor:
+    # d log σ/dσ = 1/σ, clamped: 0 below the floor (as autograd of clamp_min in value).
+    return torch.where(s > floor, 1 / s.clamp_min(floor), torch.zeros_like(s))
+
+
+#: The modes of :class:`SpectralNormPenalty`; a new mode is one entry (and a keyword of the
+#: penalty if it takes a parameter no mode took before).
+SPECTRAL_MODES: dict[str, SpectralMode] = {
+    "square": SpectralMode(value=lambda s, _: s.square(), slope=lambda s, _: 2 * s),
+    "hinge": SpectralMode(value=lambda s, t: torch.relu(s - t).square(), slope=lambda s, t: 2 * torch.relu(s - t),
+                          option="target", meaning="the σ₁ above which the penalty acts"),
+    "log_k2": SpectralMode(value=lambda s, d: torch.log(s.clamp_min(d)), slope=_log_slope, option="log_floor",
+                           default=LOG_FLOOR, meaning="the σ₁ below which a layer counts as flat",
+                           includes_head=True),
+}
+
+
+def _mode_of(option: str) -> str:
+    return next(name for name, entry in SPECTRAL_MODES.items() if entry.option == option)
+
+
 class SpectralNormPenalty(Penalty):
     """Penalise the top singular value ``σ₁`` of each selected layer.
 
@@ -444,23 +495,27 @@ class SpectralNormPenalty(Penalty):
 
     def __init__(self, state_or_model, strength=1.0, mode: str = "square", target: float | None = None,
                  log_floor: float | None = None, **kwargs):
-        if mode not in ("square", "hinge", "log_k2"):
-            raise ValueError(f"Expected mode to be 'square', 'hinge' or 'log_k2', but got mode={mode!r}")
-        if mode == "hinge":
-            if target is None:
-                raise ValueError("mode='hinge' needs target=τ > 0 (the σ₁ above which the penalty acts)")
-            target = positive_float(target, "target")
-        elif target is not None:
-            raise ValueError(f"target is only used with mode='hinge', but got mode={mode!r}, target={target!r}")
-        if mode == "log_k2":
+        if mode not in SPECTRAL_MODES:
+            raise ValueError(f"Expected mode to be one of {sorted(SPECTRAL_MODES)}, but got mode={mode!r}")
+        entry = SPECTRAL_MODES[mode]
+        given = {"target": target, "log_floor": log_floor}
+        for option, value in given.items():
+            if option != entry.option and value is not None:
+                raise ValueError(f"{option} is only used with mode={_mode_of(option)!r}, but got mode={mode!r}, "
+                                 f"{option}={value!r}")
+        parameter = None
+        if entry.option is not None:
+            value = given[entry.option] if given[entry.option] is not None else entry.default
+            if value is None:
+                raise ValueError(f"mode={mode!r} needs {entry.option} > 0 ({entry.meaning})")
+            parameter = positive_float(value, entry.option)
+        if entry.includes_head:
             kwargs.setdefault("exclude_head", False)
-            log_floor = LOG_FLOOR if log_floor is None else positive_float(log_floor, "log_floor")
-        elif log_floor is not None:
-            raise ValueError(f"log_floor is only used with mode='log_k2', but got mode={mode!r}, log_floor={log_floor!r}")
         super().__init__(state_or_model, strength, **kwargs)
         self.mode = mode
-        self.target = target
-        self.log_floor = log_floor
+        self.parameter = parameter
+        self.target = parameter if entry.option == "target" else None
+        self.log_floor = parameter if entry.option == "log_floor" else None
 
     def _closed_form_layers(self) -> bool:
         # The rank-one update u vᵀ lands on the stored weight: the operator must be
@@ -495,16 +550,8 @@ class SpectralNormPenalty(Penalty):
                     sig = self._state.sigmas(name)[0]
                 else:
                     sig = u @ self._state.operator(name).matvec(v[:, None])[:, 0]
-                if self.mode == "square":
-                    val, dval = sig.square(), 2 * sig
-                elif self.mode == "hinge":
-                    excess = torch.relu(sig - self.target)
-                    val, dval = excess.square(), 2 * excess
-                else:
-                    # d log σ/dσ = 1/σ, clamped: 0 below the floor (as autograd of clamp_min in layer_value).
-                    above = sig > self.log_floor
-                    val = torch.log(sig.clamp_min(self.log_floor))
-                    dval = torch.where(above, 1 / sig.clamp_min(self.log_floor), torch.zeros_like(sig))
+                entry = SPECTRAL_MODES[self.mode]
+                val, dval = entry.value(sig, self.parameter), entry.slope(sig, self.parameter)
                 total = strength * w * val if total is None else total + strength * w * val
                 (p,) = self._state.operator_tensors(name)
                 if not p.requires_grad:
@@ -517,12 +564,7 @@ class SpectralNormPenalty(Penalty):
         return total, updates
 
     def layer_value(self, name):
-        s = self._state.sigma(name)
-        if self.mode == "square":
-            return s.square()
-        if self.mode == "hinge":
-            return torch.relu(s - self.target).square()
-        return torch.log(s.clamp_min(self.log_floor))
+        return SPECTRAL_MODES[self.mode].value(self._state.sigma(name), self.parameter)
 
 
 class HeadSpreadPenalty(Penalty):

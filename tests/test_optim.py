@@ -10,6 +10,7 @@ from torch import nn
 from robustcompress.optim import PenalizedOptimizer, RowL1Cap, SpectralNormClip, broadcast_state, wrap
 from robustcompress.penalties import (
     GroupLassoPenalty,
+    SPECTRAL_MODES,
     HeadSpreadPenalty,
     L1Penalty,
     SpectralNormPenalty,
@@ -305,8 +306,11 @@ def test_broadcast_state_is_a_no_op_without_a_process_group():
     assert isinstance(wrap(torch.optim.SGD(mlp().parameters(), lr=0.1), mlp()), PenalizedOptimizer)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"mode": "hinge", "target": 0.2}, {"mode": "log_k2"}])
-def test_closed_form_spectral_gradient_equals_autograd(kwargs):
+@pytest.mark.parametrize("mode", sorted(SPECTRAL_MODES))
+def test_closed_form_spectral_gradient_equals_autograd(mode):
+    # every mode of the table, with a parameter that puts some layers above and some below it
+    option = SPECTRAL_MODES[mode].option
+    kwargs = {"mode": mode, **({option: 0.2} if option else {})}
     model = mlp().double()
     state = SpectralState(model)
     pen = SpectralNormPenalty(state, 0.3, **kwargs)

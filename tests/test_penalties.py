@@ -323,3 +323,34 @@ def test_nuclear_norm_auto_accepts_small_layers_it_computes_exactly():
     assert float(p()) == pytest.approx(float(expected), rel=1e-5)
     with pytest.raises(ValueError, match="k=8"):
         NuclearNormPenalty(model, strength=1.0, method="bound")
+
+
+@given(st.floats(1e-6, 50.0), st.floats(1e-3, 10.0))
+def test_every_spectral_mode_slope_is_the_derivative_of_its_value(sigma, parameter):
+    # The closed-form update f′(σ)·u vᵀ and autograd through f(σ) must agree for
+    # every entry of the table (a new mode with a wrong slope fails here).
+    from robustcompress.penalties import SPECTRAL_MODES
+
+    for name, entry in SPECTRAL_MODES.items():
+        c = parameter if entry.option is not None else None
+        if c is not None and abs(sigma - c) < 1e-6:
+            continue  # the kink of hinge / log floor: autograd picks one side
+        s = torch.tensor(sigma, dtype=torch.float64, requires_grad=True)
+        (g,) = torch.autograd.grad(entry.value(s, c), s)
+        torch.testing.assert_close(entry.slope(s.detach(), c), g, rtol=1e-12, atol=0, msg=name)
+
+
+def test_spectral_mode_options_are_checked_against_the_table():
+    model = small_model()
+    with pytest.raises(ValueError, match="mode='hinge' needs target"):
+        SpectralNormPenalty(model, mode="hinge")
+    with pytest.raises(ValueError, match="log_floor is only used with mode='log_k2'"):
+        SpectralNormPenalty(model, mode="hinge", target=1.0, log_floor=0.1)
+    with pytest.raises(ValueError, match="target is only used with mode='hinge'"):
+        SpectralNormPenalty(model, target=1.0)
+    with pytest.raises(ValueError, match="Expected mode to be one of"):
+        SpectralNormPenalty(model, mode="cube")
+    with pytest.raises(ValueError, match="target"):
+        SpectralNormPenalty(model, mode="hinge", target=-1.0)
+    p = SpectralNormPenalty(model, mode="log_k2")
+    assert p.log_floor == p.parameter > 0 and p.target is None and "2" in p.names  # the head is included
