@@ -1,4 +1,4 @@
-"""The layer facts compression needs, in one place (to be read from the layer registry once it exists).
+"""The layer facts compression needs, read from the layer registry (:mod:`robustcompress.layers`).
 
 * which modules :func:`~robustcompress.compress.prune` removes output units of
   (:data:`PRUNABLE_LAYERS`; grouped convolutions only when depthwise,
@@ -11,8 +11,11 @@
   one cannot be (:func:`truncation_refusal`);
 * the operator of a weight (:func:`operator_matrix`: transformers' ``Conv1D``
   stores its weight ``in × out``, so its operator is ``Wᵀ``);
-* the BatchNorm scale ``|γ|/√(var + ε)`` that folds into the rows before it (:func:`bn_scale`);
-* the classifier head (:func:`head_name`: the last weight-bearing layer).
+* the BatchNorm scale that folds into the rows before it (:func:`bn_scale`:
+  :func:`~robustcompress.layers.batchnorm_scale` in float64, or None where
+  there is nothing to fold).
+
+The classifier head is :func:`robustcompress.layers.head_name`.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import LowRankConv2d, LowRankLinear, layer_kind
+from ..layers import LowRankConv2d, LowRankLinear, batchnorm_scale, layer_kind
 from ..layers.attention import head_layout
+from ..layers.builtin import CONV1D
 
 #: layers whose output units (rows / filters) prune removes
 PRUNABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -32,12 +36,8 @@ LOW_RANK = (LowRankLinear, LowRankConv2d)
 
 
 def is_conv1d_transposed(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W`` stored ``in × out``.
-
-    Recognised by class name and layout so that transformers is never imported.
-    """
-    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
-            and module.weight.dim() == 2 and getattr(module, "nf", None) == module.weight.shape[1])
+    """transformers' ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W`` stored ``in × out`` (the registry's kind)."""
+    return layer_kind(module) is CONV1D
 
 
 def is_depthwise(module: nn.Module) -> bool:
@@ -113,21 +113,12 @@ def truncation_refusal(name: str, module: nn.Module) -> str | None:
             "layers can be truncated to low rank")
 
 
-def head_name(model: nn.Module) -> str | None:
-    """The classifier head: the last Linear / Conv / Conv1D / low-rank layer in module order."""
-    last = None
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d) + LOW_RANK) or is_conv1d_transposed(module):
-            last = name
-    return last
-
-
 def bn_scale(bn: nn.Module) -> torch.Tensor | None:
-    """``|γ|/√(var + eps)`` of an eval-mode BatchNorm (None without running statistics or for other modules)."""
+    """``|γ|/√(var + eps)`` of an eval-mode BatchNorm in float64, detached (None where nothing folds).
+
+    None for modules other than BatchNorm1d/2d and for a BatchNorm without
+    running statistics; otherwise :func:`~robustcompress.layers.batchnorm_scale`.
+    """
     if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or bn.running_var is None:
         return None
-    s = (bn.running_var.detach().double() + bn.eps).rsqrt()
-    if bn.affine:
-        s = s * bn.weight.detach().double().abs()
-    return s
-
+    return batchnorm_scale(bn, torch.float64).detach()

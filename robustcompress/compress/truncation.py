@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from .._checks import bool_arg, fraction, module_arg, positive_int
-from ..layers import LowRankLinear, best_rank_factors, to_low_rank
+from ..layers import LowRankLinear, best_rank_factors, head_name, to_low_rank
 from ..metrics import rank_for_energy
 from ._common import mask_hooks, set_submodule
-from ._kinds import head_name, is_conv1d_transposed, is_truncatable_kind, operator_matrix, truncation_refusal
+from ._kinds import is_conv1d_transposed, is_truncatable_kind, operator_matrix, truncation_refusal
 
 __all__ = ["truncate", "ranks_for_budget"]
 
