@@ -168,6 +168,8 @@ class SpectralState(nn.Module):
             raise ValueError(f"Expected on_nonfinite to be 'raise' or 'skip', but got on_nonfinite={on_nonfinite!r}")
         if backend not in ("auto", "torch", "triton"):
             raise ValueError(f"Expected backend to be 'auto', 'torch' or 'triton', but got backend={backend!r}")
+        refine_tol = nonnegative_float(refine_tol, "refine_tol")
+        refine_budget = nonnegative_float(refine_budget, "refine_budget")
         # Kept outside the module tree: the state must not own (or save) the model.
         object.__setattr__(self, "_model", model)
         self.k = k
@@ -184,6 +186,41 @@ class SpectralState(nn.Module):
         self.aliases: dict[str, str] = {}
 
         self.options = ViewOptions(attention=attention)
+        tracked = self._choose_layers(model, layers)
+        self._input_shapes, example_input = self._shapes_for(model, tracked, input_shape, example_input, input_shapes)
+        if fold_bn and any(sharded_operator(n, self._layers[n].spec) is not None for n in tracked):
+            # Tracing for BatchNorm successors would run FSDP's forward hooks; folding is refused instead.
+            refuse_bn_folding(model)
+            self._bn = {}
+        else:
+            self._bn = find_bn_successors(model, self._layers, example_input) if fold_bn else {}
+        self._names = tracked
+        self._ops: dict[str, LinearOperator] = {n: self._build_operator(n) for n in tracked}
+        self._sharded = ShardedBackend()
+
+        gen = torch.Generator().manual_seed(seed)
+        self.refine_tol, self.refine_budget = refine_tol, refine_budget
+        self.layer_iterations = 0
+        self._pending_residuals: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        self._last_plan: dict[str, int] = {}
+        self.layers = nn.ModuleDict()
+        for name in tracked:
+            op = self._ops[name]
+            m, n = op.shape
+            self.layers[_key(name)] = _LayerBuffers(m, n, min(k, m, n), op.dtype, op.device, gen)
+            if isinstance(op, ShardedView):
+                op.shard_buffers(self.layers[_key(name)])
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self._cache_version = None
+        # Layers iterated as W/c (their σ₁ far from 1; see _iterate), decided after each step.
+        self._scaled: set[str] = set()
+        if init_iter:
+            self.step(init_iter)
+            self.steps.zero_()
+            self.layer_iterations = 0
+
+    def _choose_layers(self, model: nn.Module, layers: Sequence[str] | None) -> list[str]:
+        """Find the tracked layers (``self._layers``, ``self.aliases``) and record what is left out (``skipped``)."""
         catalog = find_layers(model, self.options)
         by_name = {layer.name: layer for layer in catalog.layers}
         #: weight-bearing modules (or operators) left out, ``{name: reason}``, over the whole model
@@ -214,56 +251,25 @@ class SpectralState(nn.Module):
             listed = "; ".join(f"{n or '(root)'}: {why}" for n, why in self.skipped.items())
             warnings.warn(f"SpectralState leaves out {len(self.skipped)} weight-bearing module(s) or operator(s) of "
                           f"{type(model).__name__} (state.coverage() gives the share tracked): {listed}",
-                          UserWarning, stacklevel=2)
+                          UserWarning, stacklevel=3)
         self._layers: dict[str, Layer] = {n: by_name[n] for n in chosen}
-        tracked = list(chosen)
+        return list(chosen)
 
+    def _shapes_for(self, model: nn.Module, tracked: list[str], input_shape, example_input, input_shapes
+                    ) -> tuple[dict[str, tuple[int, ...]], torch.Tensor | None]:
+        """Convolution input shapes for the operator view, and the example input BatchNorm discovery traces."""
         shapes: dict[str, tuple[int, ...]] = {}
-        conv_modules = sorted({self._layers[n].module_name for n in tracked
-                               if getattr(self._layers[n].spec, "conv", None) is not None})
-        if view == "operator" and conv_modules:
-            if input_shapes is not None:
-                shapes = {n: tuple(s) for n, s in input_shapes.items()}
-            elif example_input is not None or input_shape is not None:
-                if example_input is None:
-                    p = next(model.parameters())
-                    example_input = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
-                shapes = record_input_shapes(model, example_input, conv_modules)
-        self._input_shapes = shapes
-        if fold_bn and example_input is None and input_shape is not None:
+        if example_input is None and input_shape is not None:
             p = next(model.parameters())
             example_input = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
-        if fold_bn and any(sharded_operator(n, self._layers[n].spec) is not None for n in tracked):
-            # Tracing for BatchNorm successors would run FSDP's forward hooks; folding is refused instead.
-            refuse_bn_folding(model)
-            self._bn = {}
-        else:
-            self._bn = find_bn_successors(model, self._layers, example_input) if fold_bn else {}
-        self._names = tracked
-        self._ops: dict[str, LinearOperator] = {n: self._build_operator(n) for n in tracked}
-        self._sharded = ShardedBackend()
-
-        gen = torch.Generator().manual_seed(seed)
-        self.refine_tol = nonnegative_float(refine_tol, "refine_tol")
-        self.refine_budget = nonnegative_float(refine_budget, "refine_budget")
-        self.layer_iterations = 0
-        self._pending_residuals: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
-        self._last_plan: dict[str, int] = {}
-        self.layers = nn.ModuleDict()
-        for name in tracked:
-            op = self._ops[name]
-            m, n = op.shape
-            self.layers[_key(name)] = _LayerBuffers(m, n, min(k, m, n), op.dtype, op.device, gen)
-            if isinstance(op, ShardedView):
-                op.shard_buffers(self.layers[_key(name)])
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        self._cache_version = None
-        # Layers iterated as W/c (their σ₁ far from 1; see _iterate), decided after each step.
-        self._scaled: set[str] = set()
-        if init_iter:
-            self.step(init_iter)
-            self.steps.zero_()
-            self.layer_iterations = 0
+        conv_modules = sorted({self._layers[n].module_name for n in tracked
+                               if getattr(self._layers[n].spec, "conv", None) is not None})
+        if self.view == "operator" and conv_modules:
+            if input_shapes is not None:
+                shapes = {n: tuple(s) for n, s in input_shapes.items()}
+            elif example_input is not None:
+                shapes = record_input_shapes(model, example_input, conv_modules)
+        return shapes, example_input
 
     # ------------------------------------------------------------------ access
     @property
