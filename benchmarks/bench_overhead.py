@@ -24,6 +24,14 @@ CUDA (``--device cuda``), timed with CUDA events:
 
 Configurations are interleaved (round robin) and the median step time is
 reported, so machine noise hits every configuration alike.
+
+``--before REF`` (CPU) also times the MLP rows' plain and penalised steps with
+the package at git revision ``REF`` against the working tree, each in its own
+single-thread worker process, in alternation (``_side_by_side.py``): the
+overhead ratio of each revision and the after/before ratio of each step (the
+plain step, which runs no package code but the model, is the noise control)::
+
+    python benchmarks/bench_overhead.py --only mlp --before 0b68a57
 """
 
 from __future__ import annotations
@@ -110,6 +118,36 @@ def mlp_configs(widths, in_features, batch, device, nuclear: bool, lr=0.01):
         opt = wrap(torch.optim.SGD(n.parameters(), lr=lr), n, [NuclearNormPenalty(n, 1e-5, method="exact")])
         configs["nuclear norm, exact svdvals every step"] = make_step(n, opt, x, y, False)
     return configs
+
+
+def mlp_case(config: str, widths: list[int], in_features: int, batch: int):
+    """One MLP row's ``"plain"`` or ``"penalised"`` CPU step: a factory for the before/after timing workers."""
+    configs = mlp_configs(tuple(widths), in_features, batch, torch.device("cpu"), nuclear=False)
+    return configs["plain" if config == "plain" else "default penalties + tracker(every=100)"]
+
+
+def before_after(args) -> None:
+    from _side_by_side import Revisions
+
+    rows = (("MLP 784-1024-1024-1024-10, batch 256", [1024, 1024, 1024], 784, 256, args.steps),
+            ("digits MLP 64-256-256-10, batch 128", [256, 256], 64, 128, args.steps * 4))
+    print(f"\nBefore/after: the package at {args.before} vs the working tree, one thread per worker, medians of "
+          f"{args.rounds * 4} interleaved blocks of steps")
+    with Revisions(args.before) as revs:
+        for title, widths, n_in, batch, steps in rows:
+            med = {}
+            for config in ("plain", "penalised"):
+                t = revs.interleave("bench_overhead:mlp_case", {"config": config, "widths": widths,
+                                                                "in_features": n_in, "batch": batch},
+                                    repeats=args.rounds * 4, calls=steps)
+                med[config] = {side: statistics.median(v) for side, v in t.items()}
+            print(f"  {title}")
+            for config, m in med.items():
+                print(f"    {config:<10s} before {m['before'] * 1e3:8.2f} ms  after {m['after'] * 1e3:8.2f} ms  "
+                      f"after/before {m['after'] / m['before']:6.3f}")
+            for side in ("before", "after"):
+                print(f"    overhead ratio (penalised / plain), {side}: {med['penalised'][side] / med['plain'][side]:.3f}")
+        print(f"  (before = {revs.sha[:10]})")
 
 
 def transformer_configs(device, batch=8, length=128, layers=4, lr=1e-4):
@@ -213,6 +251,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="interleaved timing blocks per configuration")
     parser.add_argument("--only", choices=("all", "mlp", "transformer"), default="all",
                         help="CPU: run only the MLP rows or only the transformer row")
+    parser.add_argument("--before", default=None, metavar="REF",
+                        help="CPU: also time the MLP rows with the package at git revision REF (see above)")
     args = parser.parse_args()
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -220,6 +260,8 @@ def main() -> None:
         cuda(args)
     else:
         cpu(args)
+        if args.before:
+            before_after(args)
 
 
 if __name__ == "__main__":

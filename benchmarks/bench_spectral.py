@@ -2,9 +2,14 @@
 
 Everything is measured side by side in one run and printed as ratios.
 
-CPU (``--device cpu``): ``SpectralState.step`` (shape-batched torch) versus a
-per-layer loop (two matmuls per layer, as ``spectral_norm`` does) versus
-``torch.linalg.svdvals``, for an MLP 784-2000×4-10 and the CIFAR ResNet-18.
+CPU (``--device cpu``, one thread): ``SpectralState.step`` (torch back-end)
+versus a per-layer loop (two matmuls per layer, as ``spectral_norm`` does, on
+the same BN-folded operators ``diag(s)·W`` the state iterates) timed in
+alternation, versus ``torch.linalg.svdvals``, for an MLP 784-2000×4-10 and
+the CIFAR ResNet-18 (BatchNorm with non-trivial running statistics), with the
+loop/state goals. ``--before REF`` also times ``state.step`` of the package at
+git revision ``REF`` against the working tree, each in its own worker
+process, interleaved (``_side_by_side.py``).
 
 CUDA (``--device cuda``): the fused Triton step (eager and replayed from a
 CUDA graph), ``SpectralState.step``, a per-layer torch loop (eager and graph),
@@ -17,6 +22,7 @@ warm-up, medians.
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_spectral.py --device cpu --k 1 8
+    PYTHONPATH=. python benchmarks/bench_spectral.py --device cpu --k 1 8 --before 0b68a57
     PYTHONPATH=. python benchmarks/bench_spectral.py --device cuda --k 1 8 --markdown rows.md
 """
 
@@ -192,31 +198,125 @@ def fused_step(weights, k, device):
 
 
 # ----------------------------------------------------------------------------- drivers
-def bench_cpu(ks, repeats):
+CPU_MODELS = ("mlp", "resnet18")
+CPU_LABELS = {"mlp": "MLP 784-2000×4-10", "resnet18": "ResNet-18 (CIFAR)"}
+#: loop/state goals on CPU (k → goal), one thread: the state must beat the two-product loop on big layers
+CPU_GOALS = {("mlp", 1): 1.3, ("mlp", 8): 1.1, ("resnet18", 1): 0.95, ("resnet18", 8): 0.75}
+
+
+def cpu_model(model: str) -> nn.Module:
+    """The CPU benchmark models, built with seed 0 (eval mode: BatchNorm uses its running statistics)."""
     from robustcompress.models import MLP, resnet18
 
+    torch.manual_seed(0)
+    net = MLP(784, (2000,) * 4, 10) if model == "mlp" else resnet18()
+    if model == "resnet18":
+        # Non-trivial running statistics, so the folded scale is not a constant.
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.data.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def state_case(model: str, k: int):
+    """``SpectralState.step`` (torch back-end) of a CPU benchmark model: a factory for timing workers."""
+    from robustcompress.spectral import SpectralState
+
+    state = SpectralState(cpu_model(model), k=k, backend="torch", init_iter=1)
+
+    def run():
+        with torch.no_grad():
+            state.step()
+
+    return run
+
+
+def folded_loop_case(model: str, k: int):
+    """The two-product per-layer loop on the operators the state iterates: ``diag(s)·W`` where BN folds."""
+    from robustcompress.spectral import SpectralState
+
+    net = cpu_model(model)
+    state = SpectralState(net, k=k, backend="torch", init_iter=0)
+    g = torch.Generator().manual_seed(1)
+    layers = []
+    for name in state.names:
+        w = net.get_submodule(name).weight.detach()
+        w = w.reshape(w.shape[0], -1)
+        layers.append((w, state.folded_bn(name), torch.randn(w.shape[1], k, generator=g)))
+
+    def run():
+        with torch.no_grad():
+            for w, bn, v in layers:
+                u = w @ v
+                if bn is not None:
+                    # The scale is recomputed from the running statistics each step, as the state does.
+                    s = bn.weight.abs() * torch.rsqrt(bn.running_var + bn.eps)
+                    u = u * s.square()[:, None]  # diag(s)ᵀ diag(s) W v
+                v.copy_(w.T @ u)
+                v.div_(v.norm())  # keeps the loop from overflowing over repeats
+
+    return run
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternation (order flipped each round)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    ts = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else reversed(names):
+            t0 = time.perf_counter()
+            fns[name]()
+            ts[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in ts.items()}
+
+
+def bench_cpu(ks, repeats):
+    """state vs the BN-folded per-layer loop (interleaved) and svdvals, one thread."""
+    torch.set_num_threads(1)
     rows = []
-    models = {
-        "MLP 784-2000×4-10": MLP(784, (2000,) * 4, 10),
-        "ResNet-18 (CIFAR)": resnet18().eval(),
-    }
-    for name, model in models.items():
+    for model in CPU_MODELS:
+        net = cpu_model(model)
         weights = [rearrange(p.detach(), "o i ... -> o (i ...)").contiguous()
-                   for p in model.parameters() if p.dim() >= 2]
+                   for p in net.parameters() if p.dim() >= 2]
         params = sum(w.numel() for w in weights)
         t_svd = time_cpu(svdvals_all(weights, torch.device("cpu")), repeats=1, warmup=0)
         for k in ks:
-            with torch.no_grad():
-                t_state = time_cpu(state_step(model, k, "torch"), repeats)
-                t_loop = time_cpu(per_layer_loop(weights, k, "cpu", torch.float32), repeats)
-            rows.append(dict(set=name, params=params, k=k, state=t_state, loop=t_loop, svdvals=t_svd))
-    print(f"\nCPU, {torch.get_num_threads()} threads, torch {torch.__version__}; medians of {repeats}")
+            med = interleaved({"state": state_case(model, k), "loop": folded_loop_case(model, k)}, repeats)
+            rows.append(dict(set=CPU_LABELS[model], model=model, params=params, k=k, svdvals=t_svd, **med))
+    print(f"\nCPU, {torch.get_num_threads()} thread, torch {torch.__version__}; medians of {repeats} interleaved "
+          "repeats; both sides iterate the same (BN-folded) operators")
     print(f"{'set':22} {'params':>8} {'k':>2} {'state.step':>11} {'per-layer':>11} {'svdvals':>10}"
-          f" {'loop/state':>10} {'svd/state':>10}")
+          f" {'loop/state':>10} {'goal':>6} {'svd/state':>10}")
     for r in rows:
+        goal = CPU_GOALS.get((r["model"], r["k"]))
+        ratio = r["loop"] / r["state"]
+        verdict = "" if goal is None else f"≥{goal:.2f} {'met' if ratio >= goal else 'MISSED'}"
         print(f"{r['set']:22} {r['params'] / 1e6:7.2f}M {r['k']:2d} {fmt(r['state']):>11} {fmt(r['loop']):>11} "
-              f"{fmt(r['svdvals']):>10} {r['loop'] / r['state']:10.2f} {r['svdvals'] / r['state']:10.1f}")
+              f"{fmt(r['svdvals']):>10} {ratio:10.2f} {verdict:>12} {r['svdvals'] / r['state']:10.1f}")
     return rows
+
+
+def bench_before_after(ref: str, ks, repeats):
+    """``state.step`` of the package at git revision ``ref`` against the working tree's, interleaved workers."""
+    from _side_by_side import Revisions
+
+    print(f"\nBefore/after: state.step at {ref} vs the working tree, one thread per worker, medians of "
+          f"{repeats} interleaved blocks; the loop (same code on both sides) is the noise control")
+    print(f"{'set':22} {'k':>2} {'what':>10} {'before':>11} {'after':>11} {'after/before':>12}")
+    with Revisions(ref) as revs:
+        for model in CPU_MODELS:
+            for k in ks:
+                for what, factory in (("state", "bench_spectral:state_case"),
+                                      ("loop", "bench_spectral:folded_loop_case")):
+                    t = revs.interleave(factory, {"model": model, "k": k}, repeats)
+                    b, a = statistics.median(t["before"]), statistics.median(t["after"])
+                    print(f"{CPU_LABELS[model]:22} {k:2d} {what:>10} {fmt(b):>11} {fmt(a):>11} {a / b:12.2f}",
+                          flush=True)
+        print(f"(before = {revs.sha[:10]})")
 
 
 def bench_cuda(ks, repeats, sets, skip_svd):
@@ -292,7 +392,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--k", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5 on CPU, 50 on CUDA)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 30 on CPU, 50 on CUDA)")
+    p.add_argument("--before", default=None, metavar="REF",
+                   help="CPU: also time state.step of the package at git revision REF against the working tree")
     p.add_argument("--sets", nargs="+", default=["ResNet-18-CIFAR", "ResNet-50", "ViT-B/16", "1.2B transformer"],
                    help="CUDA weight sets to run")
     p.add_argument("--skip-svdvals", action="store_true", help="CUDA: leave out svdvals (slow)")
@@ -302,7 +404,9 @@ def main(argv=None) -> None:
         p.error(f"--k values must lie in 1..32, got {args.k}")
     torch.manual_seed(0)
     if args.device == "cpu":
-        bench_cpu(args.k, args.repeats or 5)
+        bench_cpu(args.k, args.repeats or 30)
+        if args.before:
+            bench_before_after(args.before, args.k, args.repeats or 30)
         return
     if not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
