@@ -470,7 +470,8 @@ class SpectralState(nn.Module):
         elif not isinstance(self._ops[name], ShardedView) and sharded_operator(name, layer.spec) is not None:
             self._ops[name] = self._build_operator(name)  # the model was sharded after the state was built
         op = self._ops[name]
-        m, n = op.shape
+        # A sharded block spans the weight's whole sharded axis (see ShardedView).
+        m, n = op.buffer_shape if isinstance(op, ShardedView) else op.shape
         buf = self.layers[_key(name)]
         if isinstance(op, ShardedView):
             # Warm vectors drawn for the full operator are sliced to this rank's rows (once).
@@ -848,6 +849,11 @@ class SpectralState(nn.Module):
         nonnegative_int(gram_iter, "gram_iter")
         b = self._buf(name)
         op = self._ops[self.aliases.get(name, name)]
+        if isinstance(op, ShardedView):
+            if gram_iter:
+                raise ValueError(f"Layer {name!r} is sharded (DTensor): gram_iter > 0 would materialise its "
+                                 "weight; pass gram_iter=0")
+            return op.sigma1_bounds(b)  # from the last step's reduced values, identical on every rank
         u0 = op.matvec(b.V).double()
         theta = torch.linalg.eigvalsh(u0.T @ u0).flip(-1).clamp_min(0).sqrt()
         fro2 = float(op.frobenius().double()) ** 2
