@@ -180,7 +180,9 @@ def _state_worker(rank, world, init_file, out_dir):
         rep = nn.Parameter(torch.distributed.tensor.distribute_tensor(full_t, w.device_mesh, [Replicate()]))
         views = {"conv1d": ShardedView("conv1d", MatrixSpec(lambda: dt, transpose=True)),
                  "packed": ShardedView("packed", MatrixSpec(lambda: dt, transpose=True, rows=slice(1, 4))),
-                 "replicated": ShardedView("replicated", MatrixSpec(lambda: rep))}
+                 "replicated": ShardedView("replicated", MatrixSpec(lambda: rep)),
+                 # columns 2:6 of the operator, sharded 4 + 3: the slice straddles the ranks
+                 "straddling": ShardedView("straddling", MatrixSpec(lambda: dt, transpose=True, cols=slice(2, 6)))}
         bufs = {}
         for name, view in views.items():
             m, n = view.shape
@@ -199,11 +201,8 @@ def _state_worker(rank, world, init_file, out_dir):
                              sum(comm.get_comm_counts().values()))
         out["packed"] = (bufs["packed"].S.clone(), torch.linalg.svdvals(full_t.T[1:4])[:2])
         out["replicated"] = (views["replicated"].side, bufs["replicated"].S.clone(), torch.linalg.svdvals(full_t)[:2])
-        try:
-            ShardedView("straddling", MatrixSpec(lambda: dt, transpose=True, cols=slice(0, 3)))
-            out["straddling"] = None
-        except ValueError as e:
-            out["straddling"] = str(e)
+        out["straddling"] = (bufs["straddling"].S.clone(), torch.linalg.svdvals(full_t.T[:, 2:6])[:2],
+                             tuple(bufs["straddling"].V.to_local().shape))
 
         # Placements the state cannot iterate without gathering are refused, naming layer and placement.
         refusals = {}
@@ -259,8 +258,11 @@ def test_fsdp_state_converges_communicates_once_refuses_and_checkpoints(tmp_path
         torch.testing.assert_close(out["packed"][0], out["packed"][1], rtol=1e-5, atol=0)
         assert out["replicated"][0] == "replicated"
         torch.testing.assert_close(out["replicated"][1], out["replicated"][2], rtol=1e-5, atol=0)
-        assert "'straddling'" in out["straddling"] and "straddle" in out["straddling"]
+        torch.testing.assert_close(out["straddling"][0], out["straddling"][1], rtol=1e-5, atol=0)
     assert {r0["transposed"][4], r1["transposed"][4]} == {(4, 2), (3, 2)}  # uneven V shards
+    # the straddled block's V spans the weight's sharded axis (7 rows), sharded like it
+    assert {r0["straddling"][2], r1["straddling"][2]} == {(4, 2), (3, 2)}
+    assert torch.equal(r0["straddling"][0], r1["straddling"][0])
     # σ and the replicated blocks are bitwise identical on both ranks
     for name in r0["sigmas"]:
         assert torch.equal(r0["sigmas"][name], r1["sigmas"][name])
