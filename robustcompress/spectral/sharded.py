@@ -35,10 +35,43 @@ For row-sharded weights the iteration is exactly the unsharded one
 iteration on ``Wᵀ`` (``U`` is the warm block), which converges to the same
 singular triplets but is a different sequence of iterates.
 
+**Packed blocks straddling ranks.** A registry operator may be a slice of the
+stored weight (Q, K, V of ``MultiheadAttention.in_proj_weight`` or of a
+``Conv1D`` ``c_attn``, recurrent gates). A slice across the unsharded axis is
+taken locally. A slice along the sharded axis is the intersection of the
+rank's rows with the slice — possibly empty (that rank contributes zeros), the
+same all-reduce carries it. The sharded block is then stored over the
+weight's whole sharded axis, sharded exactly like the weight and zero outside
+the slice (see :class:`ShardedView`), so ``torch.distributed.checkpoint``
+saves and reshards it on any number of ranks. (Such a checkpoint does not load
+into an *unsharded* state, whose block has the slice's rows only.)
+
+**LoRA and low-rank layers** (``W₀ + s·B·A``, ``B·A``) whose factors
+``fully_shard`` shards on dim 0 — ``W₀`` and ``B`` on the operator's rows,
+``A`` along ``r`` — are iterated without gathering a factor
+(:class:`ShardedFactorView`): ``A V``, ``Bᵀ W₀ V`` and ``BᵀB`` (``r × k``,
+``r × k``, ``r × r``) are reduced before ``Z``, and ``A V`` again after the
+update, because the gradient of ``σ`` on ``B`` needs ``A v`` of the new ``v``.
+A step of one iteration therefore runs **three** all-reduces when such layers
+exist (two when the weights did not change since the last step; each batched
+over all of them), and **one** otherwise. ``‖W₀ + s·B·A‖_F`` is refused for
+them (its gradient on ``W₀``'s rows needs the whole ``A``).
+
+**Error bounds.** The residual of each Ritz pair of the dilation comes from
+replicated values only (``ρ_j = ‖Z q_j/θ_j − θ_j B q_j‖/√2``), so
+:meth:`SpectralState.residual_interval`, ``relative_residual`` and
+``sigma1_bounds`` are meaningful for sharded layers, bitwise identical on
+every rank, and cost no communication; they describe the weights of the last
+step (``sigma1_bounds`` raises when the weights changed since).
+
 Placements the state cannot iterate without gathering — ``Partial``,
 ``_StridedShard``, a sharded dimension that is not the operator's rows or
-columns, two mesh dimensions sharding one weight — are refused with an error
-naming the layer and its placement.
+columns, two mesh dimensions sharding one weight, LoRA factors sharded on other
+axes (a ``fan_in_fan_out`` base sharded on its input axis) — are refused with
+an error naming the layer and its placement. Still refused as well: grouped
+convolutions, the exact operator view of convolutions, folded BatchNorms,
+strided slices, sliced or transposed factors (attention circuits) and
+low-rank convolutions on sharded weights.
 
 Example:
     >>> import torch
@@ -316,6 +349,7 @@ class ShardedView(LinearOperator):
             i0 = min(max(lo, span[0]), hi)
             # this rank's rows of A: the intersection of [lo, hi) with the slice, as offsets into the local shard
             self._live = (i0 - lo, max(i0, min(hi, span[1])) - lo)
+        self._mesh = mesh
         self.group = None if self.mesh_dim is None else mesh.get_group(self.mesh_dim)
         # Filled by ShardedBackend.step: the reduced ‖M‖_F², and the versions it belongs to.
         self._frob2: torch.Tensor | None = None
@@ -388,16 +422,16 @@ class ShardedView(LinearOperator):
                 # c_jᵀ A b_j, and the residual intervals.
                 buf.register_buffer(key, torch.full_like(buf.S, init), persistent=False)
         _, sharded = self.blocks_of(buf)
-        if self.side == "replicated" or is_sharded(getattr(buf, sharded)):
-            return
+        if self.mesh_dim is None or is_sharded(getattr(buf, sharded)):
+            return  # replicated: every rank holds the whole block
         full = getattr(buf, sharded)
         length, (s0, s1) = self._axis
         padded = full.new_zeros(length, full.shape[1])
         padded[s0:s1] = full
         lo, hi = self.local_range
-        placements = [Replicate()] * self.weight.device_mesh.ndim
+        placements = [Replicate()] * self._mesh.ndim
         placements[self.mesh_dim] = Shard(0)
-        setattr(buf, sharded, DTensor.from_local(padded[lo:hi].clone(), self.weight.device_mesh, placements,
+        setattr(buf, sharded, DTensor.from_local(padded[lo:hi].clone(), self._mesh, placements,
                                                  run_check=False, shape=padded.shape, stride=padded.stride()))
 
     def _tensors(self) -> list[torch.Tensor]:

@@ -693,8 +693,8 @@ class SpectralState(nn.Module):
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
     def _relative_residuals(self) -> torch.Tensor:
-        # Sharded layers keep no residual (their update runs on reduced blocks) and are
-        # never refined: an extra iteration would be an extra collective on every rank.
+        # Sharded layers are never refined: an extra iteration would be an extra
+        # collective on every rank (their residuals are kept all the same).
         # A zero (or skipped non-finite) layer has no residual to reduce (C = 0, R = inf):
         # it is not refined either, or it would take budget every step and never converge.
         tops = [torch.zeros(1) if isinstance(self._ops[n], ShardedView) else
@@ -830,6 +830,8 @@ class SpectralState(nn.Module):
         values interlace (``θ_j ≤ σ_j``), so the subtracted energy never exceeds
         ``Σ_{j≥2} σ_j²``. With ``gram_iter > 0`` the upper bound is also capped
         by Gram iteration on the materialised operator (tighter, costs ``O(mn·min(m,n))``).
+        Sharded (``DTensor``) layers: from the last step's reduced values, without
+        communication (``ShardedView.sigma1_bounds`` in :mod:`robustcompress.spectral.sharded`).
 
         Args:
             name: a tracked layer.
