@@ -172,11 +172,38 @@ def _worker(rank, world, init_file, out_dir):
                 out["comm_lora_changed"] = counts(lambda: (model.base_model.model[0].base_layer.weight.mul_(1.0),
                                                            state.step()))
                 out["comm_lora_same"] = counts(state.step)
-                try:
-                    state.frobenius(state.names[0])
-                    out["lora_frobenius"] = None
-                except RuntimeError as e:
-                    out["lora_frobenius"] = str(e)
+                refusals = {}
+
+                def refused(label, fn):
+                    try:
+                        fn()
+                        refusals[label] = None
+                    except (RuntimeError, ValueError) as e:
+                        refusals[label] = str(e)
+
+                refused("frobenius", lambda: state.frobenius(state.names[0]))
+                refused("gram_iter", lambda: state.sigma1_bounds(state.names[0], gram_iter=2))
+                # A base stored in × out (fan_in_fan_out) sharded on dim 0 has its *columns* sharded, unlike B;
+                # A sharded along its input axis would need a gather.
+                from torch.distributed.tensor import Shard, distribute_tensor
+
+                from robustcompress.layers import LoRASpec, MatrixSpec
+                from robustcompress.spectral.sharded import ShardedFactorView
+
+                mesh = model.base_model.model[0].base_layer.weight.device_mesh
+                gen = torch.Generator().manual_seed(4)
+                w0t = distribute_tensor(torch.randn(6, 7, generator=gen), mesh, [Shard(0)])
+                a0, a1 = (distribute_tensor(torch.randn(3, 6, generator=gen), mesh, [Shard(d)]) for d in (0, 1))
+                b0 = distribute_tensor(torch.randn(7, 3, generator=gen), mesh, [Shard(0)])
+                w0 = distribute_tensor(torch.randn(7, 6, generator=gen), mesh, [Shard(0)])
+                refused("fan_in_fan_out", lambda: ShardedFactorView("t", LoRASpec(
+                    MatrixSpec(lambda: w0t, transpose=True), MatrixSpec(lambda: a0), MatrixSpec(lambda: b0), 1.0)))
+                refused("a_cols", lambda: ShardedFactorView("a", LoRASpec(
+                    MatrixSpec(lambda: w0), MatrixSpec(lambda: a1), MatrixSpec(lambda: b0), 1.0)))
+                with torch.no_grad():
+                    model.base_model.model[2].lora_B.default.weight.mul_(1.0)
+                refused("stale", lambda: state.sigma1_bounds(state.names[1]))
+                out["lora_refusals"] = refusals
             else:
                 matrix_only = SpectralState(model, k=2, layers=["mha", "g0", "g1"])
                 out["comm_matrix"] = counts(matrix_only.step)
@@ -254,7 +281,11 @@ def test_fsdp_straddling_slices_lora_factors_and_bounds(tmp_path):
         assert out["comm_mixed"] == {"allreduce_": 2}, out["comm_mixed"]
         assert out["comm_lora_changed"] == {"allreduce_": 3}, out["comm_lora_changed"]
         assert out["comm_lora_same"] == {"allreduce_": 2}, out["comm_lora_same"]
-        assert "whole factor A" in out["lora_frobenius"]
+        ref = out["lora_refusals"]
+        assert "whole factor A" in ref["frobenius"] and "gram_iter" in ref["gram_iter"]
+        assert "'t'" in ref["fan_in_fan_out"] and "W0 is sharded on dim 0" in ref["fan_in_fan_out"]
+        assert "'a'" in ref["a_cols"] and "Shard(dim=1)" in ref["a_cols"]
+        assert "state.step()" in ref["stale"]
     # Everything replicated is bitwise identical on both ranks, bounds and intervals included.
     for label in ("blocks", "lora"):
         a, b = r0[label], r1[label]
