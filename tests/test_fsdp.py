@@ -34,7 +34,7 @@ def _split(m: int, parts: int, rng: torch.Generator) -> list[int]:
 @given(m=st.integers(1, 9), n=st.integers(1, 9), k=st.integers(1, 3), ranks=st.integers(1, 3),
        cols=st.booleans(), seed=st.integers(0, 2**16))
 def test_sharded_iteration_is_the_unsharded_iteration(m, n, k, ranks, cols, seed):
-    """Row blocks of A (some empty), Z summed over them: the state's own iteration, to rounding.
+    """Row blocks of A (some empty), Z summed over them: the state's own iteration and residuals, to rounding.
 
     Column-sharded weights iterate Wᵀ: the unsharded state of a layer whose
     weight is Wᵀ, with U and V swapped.
@@ -50,6 +50,7 @@ def test_sharded_iteration_is_the_unsharded_iteration(m, n, k, ranks, cols, seed
     b = ref.layers["0"].V.clone()
     c = ref.layers["0"].U.clone()
     s, r = torch.zeros(kk, dtype=torch.float64), torch.zeros(kk, dtype=torch.float64)
+    center, radius = torch.zeros(kk, dtype=torch.float64), torch.zeros(kk, dtype=torch.float64)
     sizes = _split(a.shape[0], ranks, rng)
     for _ in range(6):
         ref.step()
@@ -60,12 +61,15 @@ def test_sharded_iteration_is_the_unsharded_iteration(m, n, k, ranks, cols, seed
         b0 = b.clone()
         for (p, _, _), c_r in zip(parts, cs):
             bb = b0.clone()  # every rank starts from the same replicated block
-            assert bool(ritz_update(p, z, bb, c_r, s, r))
+            assert bool(ritz_update(p, z, bb, c_r, s, r, center, radius))
         b = bb
         c = torch.cat(cs)
     u_ref, v_ref, s_ref = ref.layers["0"].U, ref.layers["0"].V, ref.layers["0"].S
     torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(f2, a.square().sum(), rtol=1e-12, atol=0)
+    # The residual intervals, from Z and B only, are the unsharded state's.
+    torch.testing.assert_close(center, ref.layers["0"].C, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(radius, ref.layers["0"].R, rtol=1e-6, atol=1e-9)
     # Eigenvector signs are arbitrary for k > 1: compare each direction's u vᵀ.
     live = s_ref > 1e-8 * s_ref[0]
     for j in torch.nonzero(live).flatten().tolist():
