@@ -19,7 +19,7 @@ from torch import nn
 
 from robustcompress.penalties import SpectralNormPenalty, TailEnergyPenalty, default_penalties
 from robustcompress.spectral import SpectralState
-from robustcompress.spectral.sharded import local_products, ritz_update
+from robustcompress.spectral.sharded import factor_products, factor_terms, local_products, ritz_update
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -77,6 +77,35 @@ def test_sharded_iteration_is_the_unsharded_iteration(m, n, k, ranks, cols, seed
                                    rtol=1e-8, atol=1e-10)
         # the cached value c_jᵀ A b_j is the product the unsharded state evaluates
         torch.testing.assert_close(r[j], c[:, j] @ a @ b[:, j], rtol=1e-10, atol=1e-12)
+
+
+@given(m=st.integers(1, 8), n=st.integers(1, 8), r=st.integers(1, 4), k=st.integers(1, 3),
+       ranks=st.integers(1, 3), lora=st.booleans(), seed=st.integers(0, 2**16))
+def test_sharded_factor_products_are_the_dense_products(m, n, r, k, ranks, lora, seed):
+    """W₀, B split by rows and A by r (independently, some ranks empty): the summed terms give
+    M V, Bᵀ M V and MᵀM V of the dense M = W₀ + s·B·A (or B·A)."""
+    rng = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(m, n, generator=rng, dtype=torch.float64) if lora else None
+    a = torch.randn(r, n, generator=rng, dtype=torch.float64)
+    b = torch.randn(m, r, generator=rng, dtype=torch.float64)
+    scale = 0.7 if lora else 1.0
+    dense = (w0 if lora else 0) + scale * b @ a
+    v = torch.randn(n, k, generator=rng, dtype=torch.float64)
+    rows, chunks = _split(m, ranks, rng), _split(r, ranks, rng)
+    starts_m = [sum(rows[:i]) for i in range(ranks)]
+    starts_r = [sum(chunks[:i]) for i in range(ranks)]
+    local = [(None if w0 is None else w0[lo:lo + mr], b[lo:lo + mr], a[lc:lc + rc], (lc, lc + rc))
+             for lo, mr, lc, rc in zip(starts_m, rows, starts_r, chunks)]
+    terms = [factor_terms(w, b_r, a_c, v, span, r) for w, b_r, a_c, span in local]
+    av, h, g = (sum(t[i] for t in terms) for i in range(3))
+    torch.testing.assert_close(av, a @ v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, b.T @ b, rtol=1e-12, atol=1e-12)
+    outs = [factor_products(w, b_r, a_c, v, span, av, h, g, scale) for w, b_r, a_c, span in local]
+    torch.testing.assert_close(torch.cat([o[0] for o in outs]), dense @ v, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sum(o[1] + o[2] for o in outs), dense.T @ dense @ v, rtol=1e-10, atol=1e-9)
+    for o in outs:  # BᵀP is replicated: every rank computes the same numbers
+        torch.testing.assert_close(o[3], b.T @ dense @ v, rtol=1e-10, atol=1e-9)
+        assert torch.equal(o[3], outs[0][3])
 
 
 def test_nonfinite_rows_leave_the_block_unchanged():

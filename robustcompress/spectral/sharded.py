@@ -98,8 +98,8 @@ from ..layers import LoRASpec, LowRankSpec
 from .iteration import cholesky_qr2
 from .views import LinearOperator
 
-__all__ = ["is_sharded", "ShardedView", "ShardedFactorView", "ShardedBackend", "local_products", "ritz_update",
-           "sharded_operator", "refuse_bn_folding"]
+__all__ = ["is_sharded", "ShardedView", "ShardedFactorView", "ShardedBackend", "local_products", "factor_terms",
+           "factor_products", "ritz_update", "sharded_operator", "refuse_bn_folding"]
 
 
 def _dtensor():
@@ -139,6 +139,68 @@ def local_products(a_local: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor
     """
     p = a_local @ b
     return p, a_local.T @ p, a_local.square().sum()
+
+
+def factor_terms(w0_r: torch.Tensor | None, b_r: torch.Tensor, a_c: torch.Tensor, v: torch.Tensor,
+                 a_range: tuple[int, int], rank: int) -> list[torch.Tensor]:
+    """One rank's terms of ``A V``, ``Bᵀ W₀ V`` and ``BᵀB`` for ``M = W₀ + s·B·A``; summed over the ranks.
+
+    ``A V`` is placed at this rank's rows ``a_range`` of ``A`` (zeros elsewhere).
+    ``W₀`` is None for a low-rank layer ``M = B·A`` (then ``Bᵀ W₀ V = 0``).
+
+    Args:
+        w0_r: this rank's rows of ``W₀`` (``m_r × n``) or None.
+        b_r: this rank's rows of ``B`` (``m_r × r``).
+        a_c: this rank's rows of ``A`` (``r_c × n``).
+        v: the replicated block ``V`` (``n × k``).
+        a_range: ``[lo, hi)`` of ``a_c`` in ``A``'s rows.
+        rank: ``r``.
+
+    Returns:
+        ``[A V (r × k), Bᵀ W₀ V (r × k), BᵀB (r × r)]``, this rank's share.
+
+    Example:
+        >>> a, b, v = torch.randn(2, 4), torch.randn(3, 2), torch.randn(4, 1)
+        >>> av, h, g = factor_terms(None, b, a[1:], v, (1, 2), 2)
+        >>> torch.allclose(av[1], (a @ v)[1]), float(av[0, 0]), float(h.abs().sum())
+        (True, 0.0, 0.0)
+    """
+    av = v.new_zeros(rank, v.shape[1])
+    av[a_range[0]:a_range[1]] = a_c @ v
+    h = b_r.T @ (w0_r @ v) if w0_r is not None else v.new_zeros(rank, v.shape[1])
+    return [av, h, b_r.T @ b_r]
+
+
+def factor_products(w0_r: torch.Tensor | None, b_r: torch.Tensor, a_c: torch.Tensor, v: torch.Tensor,
+                    a_range: tuple[int, int], av: torch.Tensor, h: torch.Tensor, g: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One rank's share of an iteration of ``M = W₀ + s·B·A`` from the reduced ``A V``, ``H = Bᵀ W₀ V``, ``G = BᵀB``.
+
+    ``P_r = W₀_r V + s B_r (A V)`` (this rank's rows of ``M V``),
+    ``BᵀP = H + s G (A V)`` (replicated), and the two terms of ``MᵀP`` this rank
+    holds: ``W₀_rᵀ P_r`` and ``s A_cᵀ (BᵀP)_c``; summed over the ranks they
+    give ``Z = MᵀM V``.
+
+    Returns:
+        ``(P_r, W₀_rᵀ P_r, s A_cᵀ (BᵀP)_c, BᵀP)``.
+
+    Example:
+        >>> w0, a, b, v = torch.randn(3, 4), torch.randn(2, 4), torch.randn(3, 2), torch.randn(4, 1)
+        >>> terms = factor_terms(w0, b, a, v, (0, 2), 2)
+        >>> p, z0, za, _ = factor_products(w0, b, a, v, (0, 2), *terms, 0.5)
+        >>> m = w0 + 0.5 * b @ a
+        >>> torch.allclose(p, m @ v, atol=1e-5), torch.allclose(z0 + za, m.T @ m @ v, atol=1e-4)
+        (True, True)
+    """
+    p = scale * (b_r @ av)
+    if w0_r is not None:
+        p = w0_r @ v + p
+        z0 = w0_r.T @ p
+    else:
+        z0 = p.new_zeros(v.shape)
+    btp = h + scale * (g @ av)
+    za = scale * (a_c.T @ btp[a_range[0]:a_range[1]])
+    return p, z0, za, btp
 
 
 @torch.no_grad()
@@ -663,15 +725,8 @@ class ShardedFactorView(ShardedView):
 
     def pre_parts(self, buf: nn.Module) -> list[torch.Tensor]:
         """This rank's terms of ``A V`` (zero outside its rows of A), ``Bᵀ W₀ V`` and ``BᵀB``."""
-        v = buf.V
-        a, b = self._local("A").detach(), self._local("B").detach()
-        av = a @ v
-        if self._a_sharded:
-            full = av.new_zeros(self.rank, v.shape[1])
-            full[self._a_range[0]:self._a_range[1]] = av
-            av = full
-        h = b.T @ (self._local("W0").detach() @ v) if self._base is not None else av.new_zeros(self.rank, v.shape[1])
-        return [av, h, b.T @ b]
+        w0 = self._local("W0").detach() if self._base is not None else None
+        return factor_terms(w0, self._local("B").detach(), self._local("A").detach(), buf.V, self._a_range, self.rank)
 
     def take_pre(self, buf: nn.Module, reduced: list[torch.Tensor]) -> None:
         """Keep the reduced ``(A V, Bᵀ W₀ V, BᵀB)`` of the current ``V`` and weights."""
@@ -687,28 +742,16 @@ class ShardedFactorView(ShardedView):
             buf.V._version,)
 
     def local_products(self, buf: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple | None]:
-        av, h, g = self._pre
-        s = self.scale
-        b = self._local("B").detach()
-        a = self._local("A").detach()
-        p = s * (b @ av)
-        if self._base is not None:
-            w0 = self._local("W0").detach()
-            p = w0 @ buf.V + p
-            z = w0.T @ p
-            w2 = w0.square().sum()
-        else:
-            z = p.new_zeros(self.shape[1], p.shape[1])
-            w2 = p.new_zeros(())
-        btp = h + s * (g @ av)
-        self._btp = btp
-        a_term = s * (a.T @ btp[self._a_range[0]:self._a_range[1]])
+        w0 = self._local("W0").detach() if self._base is not None else None
+        b, a = self._local("B").detach(), self._local("A").detach()
+        p, z0, za, self._btp = factor_products(w0, b, a, buf.V, self._a_range, *self._pre, self.scale)
+        w2 = w0.square().sum() if w0 is not None else p.new_zeros(())
         a2 = a.square().sum()
         zero = a2.new_zeros(())
         if self._a_sharded or self.group is None:
-            return p, z + a_term, torch.stack([w2, b.square().sum(), a2]), None
+            return p, z0 + za, torch.stack([w2, b.square().sum(), a2]), None
         # A replicated: its terms are global on every rank; added after the reduction, not summed.
-        return p, z, torch.stack([w2, b.square().sum(), zero]), (a_term, torch.stack([zero, zero, a2]))
+        return p, z0, torch.stack([w2, b.square().sum(), zero]), (za, torch.stack([zero, zero, a2]))
 
     def ritz_also(self) -> Sequence[tuple[torch.Tensor, torch.Tensor]]:
         k = self._btp.shape[1]
