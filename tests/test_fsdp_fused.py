@@ -200,6 +200,23 @@ def _worker(rank, world, init_file, out_dir):
                     MatrixSpec(lambda: w0t, transpose=True), MatrixSpec(lambda: a0), MatrixSpec(lambda: b0), 1.0)))
                 refused("a_cols", lambda: ShardedFactorView("a", LoRASpec(
                     MatrixSpec(lambda: w0), MatrixSpec(lambda: a1), MatrixSpec(lambda: b0), 1.0)))
+                # ... while a base stored in × out sharded on its output axis (Shard(1)) has B's row chunks.
+                from robustcompress.spectral.sharded import ShardedBackend
+
+                w0t1 = distribute_tensor(_spectrum(6, 7, gen), mesh, [Shard(1)])
+                a0d, b0d = (distribute_tensor(0.1 * torch.randn(*shape, generator=gen, dtype=torch.float64), mesh,
+                                              [Shard(0)]) for shape in ((3, 6), (7, 3)))
+                view = ShardedFactorView("t1", LoRASpec(MatrixSpec(lambda: w0t1, transpose=True),
+                                                        MatrixSpec(lambda: a0d), MatrixSpec(lambda: b0d), 0.5))
+                buf = nn.Module()
+                buf.register_buffer("V", torch.linalg.qr(torch.randn(6, 2, generator=gen, dtype=torch.float64))[0])
+                buf.register_buffer("U", torch.randn(7, 2, generator=gen, dtype=torch.float64))
+                buf.register_buffer("S", torch.zeros(2, dtype=torch.float64))
+                view.shard_buffers(buf)
+                for _ in range(50):
+                    ShardedBackend().step({"t1": view}, {"t1": buf})
+                dense = w0t1.full_tensor().T + 0.5 * b0d.full_tensor() @ a0d.full_tensor()
+                out["fan_in_fan_out_rows"] = (buf.S.clone(), torch.linalg.svdvals(dense)[:2])
                 with torch.no_grad():
                     model.base_model.model[2].lora_B.default.weight.mul_(1.0)
                 refused("stale", lambda: state.sigma1_bounds(state.names[1]))
@@ -286,6 +303,7 @@ def test_fsdp_straddling_slices_lora_factors_and_bounds(tmp_path):
         assert "'t'" in ref["fan_in_fan_out"] and "W0 is sharded on dim 0" in ref["fan_in_fan_out"]
         assert "'a'" in ref["a_cols"] and "Shard(dim=1)" in ref["a_cols"]
         assert "state.step()" in ref["stale"]
+        torch.testing.assert_close(*out["fan_in_fan_out_rows"], rtol=1e-5, atol=0)
     # Everything replicated is bitwise identical on both ranks, bounds and intervals included.
     for label in ("blocks", "lora"):
         a, b = r0[label], r1[label]

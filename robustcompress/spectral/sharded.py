@@ -663,9 +663,9 @@ class ShardedFactorView(ShardedView):
                 raise _placement_error(name, w, f"factor {part} is sharded on dim {sh[1]}, not on the operator's "
                                        f"rows (dim {dim} of the stored tensor), as the other factors need")
             rows.append((part, sh))
-        if len(rows) == 2 and rows[0][1] != rows[1][1]:
-            raise ValueError(f"Layer {name!r}: W0 and B are sharded into different row chunks "
-                             f"({rows[1][1]} vs {rows[0][1]}); they must be sharded alike")
+        if len(rows) == 2 and (rows[0][1][0], rows[0][1][2]) != (rows[1][1][0], rows[1][1][2]):
+            raise ValueError(f"Layer {name!r}: W0 and B are sharded into different row chunks (mesh dim, rows "
+                             f"{rows[1][1][0::2]} vs {rows[0][1][0::2]}); they must be sharded alike")
         a_shard = shards["A"]
         if a_shard is not None and a_shard[1] != 0:
             raise _placement_error(name, spec.a.weight(), "factor A must be sharded along r (Shard(0))")
