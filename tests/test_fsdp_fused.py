@@ -160,6 +160,19 @@ def _worker(rank, world, init_file, out_dir):
                                       for n in state.names if state.operator(n).side == "rows"},
                           "bounds": {n: state.sigma1_bounds(n) for n in state.names},
                           "late": {n: state.residual_interval(n) for n in state.names}}
+            if label == "lora":
+                # The differentiable σ₁ of a LoRA layer: gradients on the local shards of W₀ (made trainable
+                # here), A and B, assembled in the test only.
+                lin = model.base_model.model[0]
+                params = [lin.base_layer.weight, lin.lora_A.default.weight, lin.lora_B.default.weight]
+                params[0].requires_grad_(True)
+                sig = state.sigma(state.names[0])
+                grads = torch.autograd.grad(sig, params)
+                params[0].requires_grad_(False)
+                buf = state.layers[state.names[0].replace(".", "-")]
+                out["lora_grads"] = (sig.detach(), [g.full_tensor() for g in grads],
+                                     [p.detach().full_tensor() for p in params], _full(buf.U)[:, 0], buf.V[:, 0].clone(),
+                                     [g.placements for g in grads])
             ckpt = os.path.join(out_dir, f"ckpt-{label}")
             dcp.save(state.state_dict(), checkpoint_id=ckpt)
             other = SpectralState(model, k=2, seed=9, init_iter=0, layers=layers)
@@ -298,6 +311,13 @@ def test_fsdp_straddling_slices_lora_factors_and_bounds(tmp_path):
         assert out["comm_mixed"] == {"allreduce_": 2}, out["comm_mixed"]
         assert out["comm_lora_changed"] == {"allreduce_": 3}, out["comm_lora_changed"]
         assert out["comm_lora_same"] == {"allreduce_": 2}, out["comm_lora_same"]
+        sig, (g_w0, g_a, g_b), (w0, a, b), u, v, placements = out["lora_grads"]
+        s = 6 / 3  # lora_alpha / r
+        torch.testing.assert_close(sig, u @ (w0 + s * b @ a) @ v, rtol=1e-12, atol=0)
+        torch.testing.assert_close(g_w0, torch.outer(u, v), rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(g_b, s * torch.outer(u, a @ v), rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(g_a, s * torch.outer(b.T @ u, v), rtol=1e-10, atol=1e-14)
+        assert all(str(p) == "(Shard(dim=0),)" for p in placements)
         ref = out["lora_refusals"]
         assert "whole factor A" in ref["frobenius"] and "gram_iter" in ref["gram_iter"]
         assert "'t'" in ref["fan_in_fan_out"] and "W0 is sharded on dim 0" in ref["fan_in_fan_out"]
