@@ -6,7 +6,6 @@ convergence, communication, refusals, checkpoints and training against an
 unsharded run on the same global batches.
 """
 
-import copy
 import os
 
 import pytest
