@@ -5,7 +5,7 @@ Two gloo processes on CPU; an MLP whose Linear layers are sharded by
 ``SpectralState.step()`` is intercepted at the dispatcher (the same level
 ``CommDebugMode`` counts at) and its tensor bytes summed::
 
-    python benchmarks/bench_fsdp_comm.py [--widths 512 2048 2048 512] [--k 1 4]
+    python benchmarks/bench_fsdp_comm.py [--widths 512 2048 2048 512] [--k 1 4] [--lora-rank 8]
 
 Goal: ``n·k`` floats per layer and iteration (the replicated block ``Y``, plus
 one scalar ``‖W_r‖_F²``), not the ``m·n`` of gathering the weight. Printed per
@@ -14,6 +14,13 @@ one scalar ``‖W_r‖_F²``), not the ``m·n`` of gathering the weight. Printed
 measured / goal (1.00 means nothing but the goal travels) and measured /
 weights (what a gathering implementation would at least move is ≥ 1/2 of the
 weights per rank on 2 ranks).
+
+With ``--lora-rank r`` (needs peft) every Linear carries a PEFT LoRA adapter of
+rank ``r`` whose base and factors are sharded, and each measured iteration is a
+training step (the weights change before it). Its goal per layer is
+``n·k + 3`` floats (``Z`` and ``‖W₀‖², ‖B‖², ‖A‖²``) plus twice
+``2·r·k + r²`` (``A V``, ``Bᵀ W₀ V`` and ``BᵀB`` before the update, for the
+new ``V`` after it): three all-reduces per step.
 """
 
 from __future__ import annotations
@@ -53,7 +60,13 @@ class _CollectiveBytes(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _worker(rank: int, world: int, init_file: str, widths: list[int], ks: list[int], iters: int) -> None:
+def _state_names(model: nn.Module, names: list[str]) -> list[str]:
+    """The state's names of the Linear layers ``names`` (prefixed inside a PEFT model)."""
+    return [f"base_model.model.{n}" for n in names] if hasattr(model, "base_model") else names
+
+
+def _worker(rank: int, world: int, init_file: str, widths: list[int], ks: list[int], iters: int,
+            lora_rank: int) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -67,26 +80,41 @@ def _worker(rank: int, world: int, init_file: str, widths: list[int], ks: list[i
         for a, b in zip(widths[:-1], widths[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
         model = nn.Sequential(*layers[:-1])
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
         shapes = [tuple(m.weight.shape) for m in model if isinstance(m, nn.Linear)]
+        names = [str(i) for i, m in enumerate(model) if isinstance(m, nn.Linear)]
+        if lora_rank:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=lora_rank, target_modules=names))
+            inner = model.base_model.model
+        else:
+            inner = model
+        for name in names:
+            fully_shard(inner.get_submodule(name))
+        fully_shard(model)
         elt = torch.finfo(torch.float32).bits // 8
-        weight_bytes = sum(m * n for m, n in shapes) * elt
+        r = lora_rank
+        weight_bytes = sum(m * n + r * (m + n) for m, n in shapes) * elt
         rows = []
         for k in ks:
-            state = SpectralState(model, k=k, init_iter=1)
+            state = SpectralState(model, k=k, init_iter=1, layers=_state_names(model, names))
             counter = _CollectiveBytes()
-            with counter:
-                state.step(iters)
+            for _ in range(iters):
+                if lora_rank:
+                    with torch.no_grad():  # a training step changed the weights: A·V is reduced anew
+                        for p in model.parameters():
+                            p.mul_(1.0)
+                with counter:
+                    state.step()
             per_iter = counter.bytes / iters
-            goal = sum(n * min(k, m, n) + 1 for m, n in shapes) * elt
+            goal = sum(n * min(k, m, n) + 1 + (2 + 2 * (2 * r * min(k, m, n) + r * r) if r else 0)
+                       for m, n in shapes) * elt
             rows.append((k, per_iter, goal, weight_bytes, {c: v // iters for c, v in counter.calls.items()}))
         if rank == 0:
+            lora = f", LoRA rank {r} on every layer (one training step per iteration)" if r else ""
             print(f"row-sharded MLP {'-'.join(map(str, widths))} on {world} gloo processes, float32, "
-                  f"layers {shapes}")
-            print(f"{'k':>3} {'bytes/iter':>12} {'goal n·k+1':>12} {'weights m·n':>13} "
+                  f"layers {shapes}{lora}")
+            print(f"{'k':>3} {'bytes/iter':>12} {'goal':>12} {'weights':>13} "
                   f"{'measured/goal':>14} {'measured/weights':>17}  collectives/iter")
             for k, per_iter, goal, wb, calls in rows:
                 print(f"{k:>3} {per_iter:>12.0f} {goal:>12d} {wb:>13d} {per_iter / goal:>14.2f} "
@@ -100,9 +128,11 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[512, 2048, 2048, 512])
     parser.add_argument("--k", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--lora-rank", type=int, default=0, help="wrap every Linear in a PEFT LoRA of this rank")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, os.path.join(d, "init"), args.widths, args.k, args.iters), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, os.path.join(d, "init"), args.widths, args.k, args.iters, args.lora_rank),
+                 nprocs=2, join=True)
 
 
 if __name__ == "__main__":

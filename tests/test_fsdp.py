@@ -6,7 +6,6 @@ convergence, communication, refusals, checkpoints and training against an
 unsharded run on the same global batches.
 """
 
-import copy
 import os
 
 import pytest
@@ -19,7 +18,7 @@ from torch import nn
 
 from robustcompress.penalties import SpectralNormPenalty, TailEnergyPenalty, default_penalties
 from robustcompress.spectral import SpectralState
-from robustcompress.spectral.sharded import local_products, ritz_update
+from robustcompress.spectral.sharded import factor_products, factor_terms, local_products, ritz_update
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -34,7 +33,7 @@ def _split(m: int, parts: int, rng: torch.Generator) -> list[int]:
 @given(m=st.integers(1, 9), n=st.integers(1, 9), k=st.integers(1, 3), ranks=st.integers(1, 3),
        cols=st.booleans(), seed=st.integers(0, 2**16))
 def test_sharded_iteration_is_the_unsharded_iteration(m, n, k, ranks, cols, seed):
-    """Row blocks of A (some empty), Z summed over them: the state's own iteration, to rounding.
+    """Row blocks of A (some empty), Z summed over them: the state's own iteration and residuals, to rounding.
 
     Column-sharded weights iterate Wᵀ: the unsharded state of a layer whose
     weight is Wᵀ, with U and V swapped.
@@ -50,6 +49,7 @@ def test_sharded_iteration_is_the_unsharded_iteration(m, n, k, ranks, cols, seed
     b = ref.layers["0"].V.clone()
     c = ref.layers["0"].U.clone()
     s, r = torch.zeros(kk, dtype=torch.float64), torch.zeros(kk, dtype=torch.float64)
+    center, radius = torch.zeros(kk, dtype=torch.float64), torch.zeros(kk, dtype=torch.float64)
     sizes = _split(a.shape[0], ranks, rng)
     for _ in range(6):
         ref.step()
@@ -60,12 +60,15 @@ def test_sharded_iteration_is_the_unsharded_iteration(m, n, k, ranks, cols, seed
         b0 = b.clone()
         for (p, _, _), c_r in zip(parts, cs):
             bb = b0.clone()  # every rank starts from the same replicated block
-            assert bool(ritz_update(p, z, bb, c_r, s, r))
+            assert bool(ritz_update(p, z, bb, c_r, s, r, center, radius))
         b = bb
         c = torch.cat(cs)
     u_ref, v_ref, s_ref = ref.layers["0"].U, ref.layers["0"].V, ref.layers["0"].S
     torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(f2, a.square().sum(), rtol=1e-12, atol=0)
+    # The residual intervals, from Z and B only, are the unsharded state's.
+    torch.testing.assert_close(center, ref.layers["0"].C, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(radius, ref.layers["0"].R, rtol=1e-6, atol=1e-9)
     # Eigenvector signs are arbitrary for k > 1: compare each direction's u vᵀ.
     live = s_ref > 1e-8 * s_ref[0]
     for j in torch.nonzero(live).flatten().tolist():
@@ -73,6 +76,35 @@ def test_sharded_iteration_is_the_unsharded_iteration(m, n, k, ranks, cols, seed
                                    rtol=1e-8, atol=1e-10)
         # the cached value c_jᵀ A b_j is the product the unsharded state evaluates
         torch.testing.assert_close(r[j], c[:, j] @ a @ b[:, j], rtol=1e-10, atol=1e-12)
+
+
+@given(m=st.integers(1, 8), n=st.integers(1, 8), r=st.integers(1, 4), k=st.integers(1, 3),
+       ranks=st.integers(1, 3), lora=st.booleans(), seed=st.integers(0, 2**16))
+def test_sharded_factor_products_are_the_dense_products(m, n, r, k, ranks, lora, seed):
+    """W₀, B split by rows and A by r (independently, some ranks empty): the summed terms give
+    M V, Bᵀ M V and MᵀM V of the dense M = W₀ + s·B·A (or B·A)."""
+    rng = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(m, n, generator=rng, dtype=torch.float64) if lora else None
+    a = torch.randn(r, n, generator=rng, dtype=torch.float64)
+    b = torch.randn(m, r, generator=rng, dtype=torch.float64)
+    scale = 0.7 if lora else 1.0
+    dense = (w0 if lora else 0) + scale * b @ a
+    v = torch.randn(n, k, generator=rng, dtype=torch.float64)
+    rows, chunks = _split(m, ranks, rng), _split(r, ranks, rng)
+    starts_m = [sum(rows[:i]) for i in range(ranks)]
+    starts_r = [sum(chunks[:i]) for i in range(ranks)]
+    local = [(None if w0 is None else w0[lo:lo + mr], b[lo:lo + mr], a[lc:lc + rc], (lc, lc + rc))
+             for lo, mr, lc, rc in zip(starts_m, rows, starts_r, chunks)]
+    terms = [factor_terms(w, b_r, a_c, v, span, r) for w, b_r, a_c, span in local]
+    av, h, g = (sum(t[i] for t in terms) for i in range(3))
+    torch.testing.assert_close(av, a @ v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, b.T @ b, rtol=1e-12, atol=1e-12)
+    outs = [factor_products(w, b_r, a_c, v, span, av, h, g, scale) for w, b_r, a_c, span in local]
+    torch.testing.assert_close(torch.cat([o[0] for o in outs]), dense @ v, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sum(o[1] + o[2] for o in outs), dense.T @ dense @ v, rtol=1e-10, atol=1e-9)
+    for o in outs:  # BᵀP is replicated: every rank computes the same numbers
+        torch.testing.assert_close(o[3], b.T @ dense @ v, rtol=1e-10, atol=1e-9)
+        assert torch.equal(o[3], outs[0][3])
 
 
 def test_nonfinite_rows_leave_the_block_unchanged():
@@ -180,7 +212,9 @@ def _state_worker(rank, world, init_file, out_dir):
         rep = nn.Parameter(torch.distributed.tensor.distribute_tensor(full_t, w.device_mesh, [Replicate()]))
         views = {"conv1d": ShardedView("conv1d", MatrixSpec(lambda: dt, transpose=True)),
                  "packed": ShardedView("packed", MatrixSpec(lambda: dt, transpose=True, rows=slice(1, 4))),
-                 "replicated": ShardedView("replicated", MatrixSpec(lambda: rep))}
+                 "replicated": ShardedView("replicated", MatrixSpec(lambda: rep)),
+                 # columns 2:6 of the operator, sharded 4 + 3: the slice straddles the ranks
+                 "straddling": ShardedView("straddling", MatrixSpec(lambda: dt, transpose=True, cols=slice(2, 6)))}
         bufs = {}
         for name, view in views.items():
             m, n = view.shape
@@ -199,11 +233,8 @@ def _state_worker(rank, world, init_file, out_dir):
                              sum(comm.get_comm_counts().values()))
         out["packed"] = (bufs["packed"].S.clone(), torch.linalg.svdvals(full_t.T[1:4])[:2])
         out["replicated"] = (views["replicated"].side, bufs["replicated"].S.clone(), torch.linalg.svdvals(full_t)[:2])
-        try:
-            ShardedView("straddling", MatrixSpec(lambda: dt, transpose=True, cols=slice(0, 3)))
-            out["straddling"] = None
-        except ValueError as e:
-            out["straddling"] = str(e)
+        out["straddling"] = (bufs["straddling"].S.clone(), torch.linalg.svdvals(full_t.T[:, 2:6])[:2],
+                             tuple(bufs["straddling"].V.to_local().shape))
 
         # Placements the state cannot iterate without gathering are refused, naming layer and placement.
         refusals = {}
@@ -259,8 +290,11 @@ def test_fsdp_state_converges_communicates_once_refuses_and_checkpoints(tmp_path
         torch.testing.assert_close(out["packed"][0], out["packed"][1], rtol=1e-5, atol=0)
         assert out["replicated"][0] == "replicated"
         torch.testing.assert_close(out["replicated"][1], out["replicated"][2], rtol=1e-5, atol=0)
-        assert "'straddling'" in out["straddling"] and "straddle" in out["straddling"]
+        torch.testing.assert_close(out["straddling"][0], out["straddling"][1], rtol=1e-5, atol=0)
     assert {r0["transposed"][4], r1["transposed"][4]} == {(4, 2), (3, 2)}  # uneven V shards
+    # the straddled block's V spans the weight's sharded axis (7 rows), sharded like it
+    assert {r0["straddling"][2], r1["straddling"][2]} == {(4, 2), (3, 2)}
+    assert torch.equal(r0["straddling"][0], r1["straddling"][0])
     # σ and the replicated blocks are bitwise identical on both ranks
     for name in r0["sigmas"]:
         assert torch.equal(r0["sigmas"][name], r1["sigmas"][name])

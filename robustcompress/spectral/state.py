@@ -476,7 +476,8 @@ class SpectralState(nn.Module):
         elif not isinstance(self._ops[name], ShardedView) and sharded_operator(name, layer.spec) is not None:
             self._ops[name] = self._build_operator(name)  # the model was sharded after the state was built
         op = self._ops[name]
-        m, n = op.shape
+        # A sharded block spans the weight's whole sharded axis (see ShardedView).
+        m, n = op.buffer_shape if isinstance(op, ShardedView) else op.shape
         buf = self.layers[_key(name)]
         if isinstance(op, ShardedView):
             # Warm vectors drawn for the full operator are sliced to this rank's rows (once).
@@ -698,8 +699,8 @@ class SpectralState(nn.Module):
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
     def _relative_residuals(self) -> torch.Tensor:
-        # Sharded layers keep no residual (their update runs on reduced blocks) and are
-        # never refined: an extra iteration would be an extra collective on every rank.
+        # Sharded layers are never refined: an extra iteration would be an extra
+        # collective on every rank (their residuals are kept all the same).
         # A zero (or skipped non-finite) layer has no residual to reduce (C = 0, R = inf):
         # it is not refined either, or it would take budget every step and never converge.
         tops = [torch.zeros(1) if isinstance(self._ops[n], ShardedView) else
@@ -835,6 +836,8 @@ class SpectralState(nn.Module):
         values interlace (``θ_j ≤ σ_j``), so the subtracted energy never exceeds
         ``Σ_{j≥2} σ_j²``. With ``gram_iter > 0`` the upper bound is also capped
         by Gram iteration on the materialised operator (tighter, costs ``O(mn·min(m,n))``).
+        Sharded (``DTensor``) layers: from the last step's reduced values, without
+        communication (``ShardedView.sigma1_bounds`` in :mod:`robustcompress.spectral.sharded`).
 
         Args:
             name: a tracked layer.
@@ -854,6 +857,11 @@ class SpectralState(nn.Module):
         nonnegative_int(gram_iter, "gram_iter")
         b = self._buf(name)
         op = self._ops[self.aliases.get(name, name)]
+        if isinstance(op, ShardedView):
+            if gram_iter:
+                raise ValueError(f"Layer {name!r} is sharded (DTensor): gram_iter > 0 would materialise its "
+                                 "weight; pass gram_iter=0")
+            return op.sigma1_bounds(b)  # from the last step's reduced values, identical on every rank
         u0 = op.matvec(b.V).double()
         theta = torch.linalg.eigvalsh(u0.T @ u0).flip(-1).clamp_min(0).sqrt()
         fro2 = float(op.frobenius().double()) ** 2
