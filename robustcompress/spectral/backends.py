@@ -30,7 +30,7 @@ import torch
 from .. import kernels
 from .views import LinearOperator, LoRAView, MatrixView
 
-__all__ = ["ProductBackend", "TorchBackend", "FusedBackend", "BATCH_MAX_NUMEL", "ONE_READ_MIN_NUMEL"]
+__all__ = ["ProductBackend", "TorchBackend", "FusedBackend", "BATCH_MAX_NUMEL", "ONE_READ_MIN_BYTES"]
 
 # Default of SpectralState(stack_max_numel=...) on CUDA: without the fused
 # kernel, layers up to this many weights are stacked into one bmm per shape group: there launch overhead dominates small
@@ -40,9 +40,12 @@ __all__ = ["ProductBackend", "TorchBackend", "FusedBackend", "BATCH_MAX_NUMEL", 
 # multiplied in place.
 BATCH_MAX_NUMEL = 1 << 18
 
-# CPU matrices from this size on are multiplied in one pass over row blocks;
-# below it the per-block calls cost more than the second read of a weight that fits in cache.
-ONE_READ_MIN_NUMEL = 1 << 18
+# CPU matrices from this many bytes on are multiplied in one pass over row
+# blocks. Below it the weight fits a server CPU's last-level cache (32 MiB
+# measured here), so its second read comes from cache and the per-block calls
+# cost more than they save (bench_spectral: a 2000 × 2000 fp32 layer, 16 MiB,
+# ran ~1.4× slower blocked at k = 1; a 4096 × 4096 one, 64 MiB, ~1.6× faster).
+ONE_READ_MIN_BYTES = 32 << 20
 
 Products = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -71,16 +74,20 @@ class TorchBackend(ProductBackend):
         stack_max_numel: layers of one shape with at most this many weights are
             stacked into one batched product (None: 2¹⁸ on CUDA, where launches
             dominate small layers; 0 on CPU, where stacking measured slower).
-        block_rows: CPU matrices with at least ``ONE_READ_MIN_NUMEL`` weights are
+        block_rows: CPU matrices of at least ``ONE_READ_MIN_BYTES`` (32 MiB) are
             walked in blocks of at most this many rows (fewer for wide rows, so a
             block stays within ~1 MiB of cache): ``U_b = W_b V`` then
             ``Y += W_bᵀ U_b`` while the block is still in cache — one read of each
             weight per iteration. 0 turns it off (two full products).
+        one_read_min_bytes: the size (in bytes of the stored weight) from which
+            the one-read walk is used (default ``ONE_READ_MIN_BYTES``, 32 MiB).
     """
 
-    def __init__(self, stack_max_numel: int | None = None, block_rows: int = 64) -> None:
+    def __init__(self, stack_max_numel: int | None = None, block_rows: int = 64,
+                 one_read_min_bytes: int = ONE_READ_MIN_BYTES) -> None:
         self.stack_max_numel = stack_max_numel
         self.block_rows = block_rows
+        self.one_read_min_bytes = one_read_min_bytes
 
     def products(self, ops: dict[str, LinearOperator], vs: dict[str, torch.Tensor]) -> Products:
         out: Products = {}
@@ -119,7 +126,8 @@ class TorchBackend(ProductBackend):
         if not (self.block_rows and isinstance(op, MatrixView) and op.groups == 1 and op.device.type == "cpu"):
             return False
         m, n = op.shape
-        return m * n >= ONE_READ_MIN_NUMEL and m > self.block_rows and op.spec.matrix().stride(-1) == 1
+        w = op.spec.matrix()
+        return m * n * w.element_size() >= self.one_read_min_bytes and m > self.block_rows and w.stride(-1) == 1
 
 
 def _blocked_products(op: MatrixView, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,25 +135,28 @@ def _blocked_products(op: MatrixView, v: torch.Tensor) -> tuple[torch.Tensor, to
 
     ``Wᵀ S² W V = Σ_b W_bᵀ S_b² (W_b V)``: each block ``W_b`` is multiplied twice
     while it is still in cache, so each weight is read from memory once per
-    iteration instead of twice.
+    iteration instead of twice. The blocks are kept transposed (``k × rows``:
+    ``U_bᵀ = Vᵀ W_bᵀ``, ``Yᵀ += U_bᵀ W_b``), the layout CPU BLAS multiplies
+    fast for thin blocks (see :func:`~robustcompress.spectral.views.thin_product`).
     """
     w = op.spec.matrix()
     m, n = w.shape
     rows = max(8, min(64, (1 << 20) // max(1, n * w.element_size())))
     s = op.scale()
-    u0 = torch.empty(m, v.shape[1], dtype=op.dtype, device=v.device)
-    y = torch.zeros(n, v.shape[1], dtype=op.dtype, device=v.device)
+    vt = v.mT
+    u0t = torch.empty(v.shape[1], m, dtype=op.dtype, device=v.device)
+    yt = torch.zeros(v.shape[1], n, dtype=op.dtype, device=v.device)
     for i in range(0, m, rows):
         wb = w[i:i + rows].to(op.dtype)
-        ub = wb @ v
+        ub = vt @ wb.mT
         if s is not None:
-            ub = s[i:i + rows, None] * ub
-            u0[i:i + rows] = ub
-            y.addmm_(wb.T, s[i:i + rows, None] * ub)
+            ub = ub * s[None, i:i + rows]
+            u0t[:, i:i + rows] = ub
+            yt.addmm_(ub * s[None, i:i + rows], wb)
         else:
-            u0[i:i + rows] = ub
-            y.addmm_(wb.T, ub)
-    return u0, y
+            u0t[:, i:i + rows] = ub
+            yt.addmm_(ub, wb)
+    return u0t.mT, yt.mT
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

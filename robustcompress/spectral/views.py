@@ -41,6 +41,7 @@ from ..layers import (
 )
 
 __all__ = [
+    "thin_product",
     "LinearOperator",
     "MatrixView",
     "LowRankView",
@@ -51,6 +52,33 @@ __all__ = [
     "conv_operator",
     "operator_for",
 ]
+
+#: thin_product: on CPU, blocks this narrow (2 ≤ k < 16) are multiplied as the transposed product.
+_THIN_MIN_K, _THIN_MAX_K, _THIN_MIN_ROWS = 2, 16, 32
+
+
+def thin_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for a matrix ``a`` (``m × n``) and a thin block ``b`` (``n × k``), fast on CPU.
+
+    On CPU, for ``2 ≤ k < 16`` columns and ``m ≥ 32``, this computes
+    ``(bᵀ aᵀ)ᵀ``: the same product with the thin block on the left. The BLAS
+    kernels behind torch's CPU matmul handle a thin *left* operand well but
+    a thin right one poorly on some CPUs: ``benchmarks/bench_spectral.py``
+    measured ``Wᵀ U`` for a 2000 × 2000 fp32 ``W`` and ``k = 8`` at about
+    20× the time of ``(Uᵀ W)ᵀ``, one thread (RESULTS.md). Elsewhere (``k = 1``
+    — a matrix–vector product either way — wide blocks, CUDA) it is ``a @ b``.
+    The result may be a transposed (non-contiguous) view.
+
+    Example:
+        >>> a, b = torch.randn(64, 40, dtype=torch.float64), torch.randn(40, 4, dtype=torch.float64)
+        >>> torch.allclose(thin_product(a, b), a @ b)
+        True
+    """
+    k = b.shape[-1]
+    if a.device.type == "cpu" and _THIN_MIN_K <= k < _THIN_MAX_K and a.shape[0] >= _THIN_MIN_ROWS:
+        return (b.mT @ a.mT).mT
+    return a @ b
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Half-precision weights are iterated in float32: the Gram matrices of
@@ -191,7 +219,7 @@ class MatrixView(LinearOperator):
         # The row scale is applied to the product, never to W: diag(s)·W would
         # write a scaled copy of the weight on every call.
         if self.groups == 1:
-            out = self.spec.matrix().to(self.dtype) @ v
+            out = thin_product(self.spec.matrix().to(self.dtype), v)
         else:
             vg = rearrange(v, "(g c) k -> g c k", g=self.groups)
             out = rearrange(torch.bmm(self._blocks_raw(), vg), "g o k -> (g o) k")
@@ -203,7 +231,7 @@ class MatrixView(LinearOperator):
         if s is not None:
             u = s[:, None] * u
         if self.groups == 1:
-            return self.spec.matrix().to(self.dtype).T @ u
+            return thin_product(self.spec.matrix().to(self.dtype).T, u)
         ug = rearrange(u, "(g o) k -> g o k", g=self.groups)
         return rearrange(torch.bmm(self._blocks_raw().transpose(1, 2), ug), "g c k -> (g c) k")
 
