@@ -117,8 +117,7 @@ class TorchBackend(ProductBackend):
             if self._one_read(op):
                 out[name] = _blocked_products(op, vs[name])
                 continue
-            u0 = op.matvec(vs[name])
-            out[name] = (u0, op.rmatvec(u0))
+            out[name] = op.products(vs[name])
         return out
 
     def _one_read(self, op: LinearOperator) -> bool:

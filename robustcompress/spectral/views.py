@@ -114,6 +114,11 @@ class LinearOperator:
         """``Wᵀ u`` for a block ``u`` of shape ``m × k``."""
         raise NotImplementedError
 
+    def products(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U₀ = W v`` and ``Y = Wᵀ U₀``: the two products of one power/subspace iteration."""
+        u0 = self.matvec(v)
+        return u0, self.rmatvec(u0)
+
     def matrix(self) -> torch.Tensor:
         """The dense ``m × n`` matrix, built column by column from :meth:`matvec`."""
         n = self.shape[1]
@@ -225,6 +230,18 @@ class MatrixView(LinearOperator):
             out = rearrange(torch.bmm(self._blocks_raw(), vg), "g o k -> (g o) k")
         s = self.scale()
         return out if s is None else s[:, None] * out
+
+    def products(self, v):
+        # One read of the weight's view and one scale for both products.
+        if self.groups != 1:
+            return super().products(v)
+        w = self.spec.matrix().to(self.dtype)
+        s = self.scale()
+        u0 = thin_product(w, v)
+        if s is None:
+            return u0, thin_product(w.T, u0)
+        u0 = s[:, None] * u0
+        return u0, thin_product(w.T, s[:, None] * u0)
 
     def rmatvec(self, u):
         s = self.scale()
