@@ -632,3 +632,27 @@ def test_truncate_never_grows_transformers(energy):
             warnings.simplefilter("ignore")
             small = truncate(model, energy=energy)
         assert count_parameters(small) <= count_parameters(model), type(model).__name__
+
+
+def test_truncate_excludes_the_registry_head_and_everything_inside_it():
+    # The head is the layer registry's (the one the penalties exclude too); a LoRA-wrapped
+    # head's base layer is part of it and stays dense with exclude_head=True.
+    peft = pytest.importorskip("peft")
+    from robustcompress.layers import head_name
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("a", nn.Linear(32, 32))
+    model.add_module("act", nn.ReLU())
+    model.add_module("c", nn.Linear(32, 32))
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["c"]))
+    head = head_name(wrapped)
+    assert head is not None and head.endswith(".c")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = truncate(wrapped, rank=2, exclude_head=True)
+    kinds = {n: type(m).__name__ for n, m in out.named_modules()}
+    assert kinds[head + ".base_layer"] == "Linear"  # inside the head: untouched
+    assert any(n.endswith(".a") and k == "LowRankLinear" for n, k in kinds.items())
+    with pytest.raises(ValueError, match="inside.*classifier head"):
+        truncate(wrapped, rank=2, layers=[head + ".base_layer"], exclude_head=True)

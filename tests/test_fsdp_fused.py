@@ -308,9 +308,9 @@ def test_fsdp_straddling_slices_lora_factors_and_bounds(tmp_path):
         # One all-reduce per step for matrix layers, straddling or not; factorised layers: a batched A·V
         # reduction before (when the weights changed) and after the update. Never an all-gather.
         assert out["comm_matrix"] == {"allreduce_": 1}, out["comm_matrix"]
-        assert out["comm_mixed"] == {"allreduce_": 2}, out["comm_mixed"]
+        assert out["comm_mixed"] == {"allreduce_": 3}, out["comm_mixed"]
         assert out["comm_lora_changed"] == {"allreduce_": 3}, out["comm_lora_changed"]
-        assert out["comm_lora_same"] == {"allreduce_": 2}, out["comm_lora_same"]
+        assert out["comm_lora_same"] == {"allreduce_": 3}, out["comm_lora_same"]  # the same collectives every step
         sig, (g_w0, g_a, g_b), (w0, a, b), u, v, placements = out["lora_grads"]
         s = 6 / 3  # lora_alpha / r
         torch.testing.assert_close(sig, u @ (w0 + s * b @ a) @ v, rtol=1e-12, atol=0)

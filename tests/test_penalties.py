@@ -10,6 +10,7 @@ from torch import nn
 
 from robustcompress.layers import LowRankLinear
 from robustcompress.penalties import (
+    SPECTRAL_MODES,
     GroupLassoPenalty,
     HeadSpreadPenalty,
     L1Penalty,
@@ -329,8 +330,6 @@ def test_nuclear_norm_auto_accepts_small_layers_it_computes_exactly():
 def test_every_spectral_mode_slope_is_the_derivative_of_its_value(sigma, parameter):
     # The closed-form update f′(σ)·u vᵀ and autograd through f(σ) must agree for
     # every entry of the table (a new mode with a wrong slope fails here).
-    from robustcompress.penalties import SPECTRAL_MODES
-
     for name, entry in SPECTRAL_MODES.items():
         c = parameter if entry.option is not None else None
         if c is not None and abs(sigma - c) < 1e-6:

@@ -38,8 +38,13 @@ def _truncation_layers(model: nn.Module, layers: Sequence[str] | None, exclude_h
     """The chosen layers, and the default-chosen ones that cannot be factorised with the reason."""
     named = dict(model.named_modules())
     head = head_name(model) if exclude_head else None
+
+    def in_head(n: str) -> bool:
+        # The head and anything inside it (e.g. the base layer of a LoRA-wrapped head).
+        return head is not None and (n == head or n.startswith(head + "."))
+
     if layers is None:
-        kinds = {n: m for n, m in named.items() if is_truncatable_kind(m) and n != head}
+        kinds = {n: m for n, m in named.items() if is_truncatable_kind(m) and not in_head(n)}
         refused = {n: r for n, m in kinds.items() if (r := truncation_refusal(n, m)) is not None}
         return {n: m for n, m in kinds.items() if n not in refused}, refused
     if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
@@ -52,8 +57,9 @@ def _truncation_layers(model: nn.Module, layers: Sequence[str] | None, exclude_h
         reason = truncation_refusal(n, named[n])
         if reason is not None:
             raise ValueError(reason)
-        if n == head:
-            raise ValueError(f"Layer {n!r} is the classifier head; pass exclude_head=False to truncate it too")
+        if in_head(n):
+            raise ValueError(f"Layer {n!r} is (inside) the classifier head {head!r}; pass exclude_head=False to "
+                             "truncate it too")
         out[n] = named[n]
     return out, {}
 

@@ -53,8 +53,10 @@ into an *unsharded* state, whose block has the slice's rows only.)
 ``r × k``, ``r × r``) are reduced before ``Z``, and ``A V`` again after the
 update, because the gradient of ``σ`` on ``B`` needs ``A v`` of the new ``v``.
 A step of one iteration therefore runs **three** all-reduces when such layers
-exist (two when the weights did not change since the last step; each batched
-over all of them), and **one** otherwise. ``‖W₀ + s·B·A‖_F`` is refused for
+exist (each batched over all of them), and **one** otherwise. The first one
+runs even when the weights did not change since the last step: whether they
+did is a per-rank fact (tensor versions), and a collective that some ranks
+skip would hang the others. ``‖W₀ + s·B·A‖_F`` is refused for
 them (its gradient on ``W₀``'s rows needs the whole ``A``).
 
 **Error bounds.** The residual of each Ritz pair of the dilation comes from
@@ -863,9 +865,9 @@ class ShardedBackend:
     iterate ``Wᵀ``. Matrix layers need one all-reduce (``Z`` and ``‖A_r‖_F²``
     of every layer in one flat buffer per process group and dtype).
     Factorised layers (:class:`ShardedFactorView`) add the reduction of their
-    ``A V``-type terms before it when the weights changed since the last one,
-    and again after the update (for the new ``V``): one batched all-reduce
-    each, for all of them. ``all_reduce`` is ``torch.distributed.all_reduce``
+    ``A V``-type terms before it (every step: every rank must run the same
+    collectives) and again after the update (for the new ``V``): one batched
+    all-reduce each, for all of them. ``all_reduce`` is ``torch.distributed.all_reduce``
     unless given (a sum over the ranks of ``group``).
 
     Example:
@@ -902,9 +904,10 @@ class ShardedBackend:
     def step(self, ops: dict[str, ShardedView], bufs: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
         """One iteration of every layer in ``ops``; returns ``{name: finite flag}`` (replicated)."""
         factored = {n: op for n, op in ops.items() if isinstance(op, ShardedFactorView)}
-        stale = {n: op for n, op in factored.items() if not op.pre_fresh(bufs[n])}
-        if stale:
-            self._refresh(stale, bufs)
+        if factored:
+            # Every step, fresh or not: skipping it on the ranks whose weights did not change
+            # (a local fact) while others run it would leave the collectives unmatched.
+            self._refresh(factored, bufs)
         parts = {name: op.local_products(bufs[name]) for name, op in ops.items()}
         reduced = self._reduce({n: [p[1], p[2]] for n, p in parts.items()}, ops)
         flags = {}

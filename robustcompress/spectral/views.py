@@ -231,7 +231,7 @@ class MatrixView(LinearOperator):
         s = self.scale()
         return out if s is None else s[:, None] * out
 
-    def products(self, v):
+    def products(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # One read of the weight's view and one scale for both products.
         if self.groups != 1:
             return super().products(v)
