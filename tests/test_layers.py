@@ -413,3 +413,19 @@ def test_transformers_models_circuits_and_nothing_left_out_silently(arch):
     if arch == "t5":
         rel = [layer for layer in circuits.layers if layer.name.endswith("relative_attention_bias")]
         assert rel and not rel[0].penalize
+
+
+@given(out=st.integers(1, 9), inn=st.integers(1, 9), taps=st.sampled_from([(), (3,), (2, 2)]),
+       transpose=st.booleans(), rows=st.sampled_from([None, slice(0, 1), slice(1, None), slice(0, 8, 3)]),
+       cols=st.sampled_from([None, slice(0, 2), slice(2, None)]))
+def test_matrix_spec_shape_is_the_shape_of_its_view(out, inn, taps, transpose, rows, cols):
+    # shape is computed from the weight's shape alone; it must be that of the strided view.
+    from robustcompress.layers import MatrixSpec
+
+    w = torch.zeros(out, inn, *taps)
+    if transpose and taps:
+        with pytest.raises(ValueError, match="2-D"):
+            MatrixSpec(lambda: w, transpose=True).shape
+        return
+    spec = MatrixSpec(lambda: w, transpose=transpose, rows=rows, cols=cols)
+    assert spec.shape == tuple(spec.sliced().shape)

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -156,8 +157,20 @@ class MatrixSpec:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """``(m, n)`` of the operator (``n = groups · n_g``)."""
-        m, n = self.sliced().shape
+        """``(m, n)`` of the operator (``n = groups · n_g``), from the weight's shape alone.
+
+        Read several times per layer and step: shape arithmetic, not the
+        strided view (whose reshape costs more than the rest of a small layer's
+        bookkeeping).
+        """
+        w = self.weight()
+        if w.dim() < 2 or (self.transpose and w.dim() != 2):
+            _orient(w, self.transpose)  # raises with the reason
+        m, n = (w.shape[1], w.shape[0]) if self.transpose else (w.shape[0], math.prod(w.shape[1:]))
+        if self.rows is not None:
+            m = len(range(m)[self.rows])
+        if self.cols is not None:
+            n = len(range(n)[self.cols])
         return m, n * self.groups
 
     @property
