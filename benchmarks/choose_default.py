@@ -18,7 +18,7 @@ paired by seed) among those that, on *both* models, lose at most 1 point of
 clean accuracy and keep ≥ 90 % of the compressibility (mean rank99 ≤ baseline
 / 0.9 and prunable share ≥ 0.9 × baseline).
 
-Run (not part of CI; 70 minutes measured on 2 CPU cores shared with a load of 13–21 other
+Run (not part of CI; 15 minutes measured on 2 CPU cores, one thread, shared with 2–6 other
 processes, 54 runs)::
 
     python benchmarks/choose_default.py --seeds 0 1 2

@@ -18,7 +18,7 @@ are measured; the script then asks
    without undoing their compression (≤ 1 point clean loss, ≥ 90 % of rank99
    and of the prunable share kept).
 
-Run (not part of CI; 82 minutes measured on 2 CPU cores shared with a load of 13–21 other
+Run (not part of CI; 14 minutes measured on 2 CPU cores, one thread, shared with 2–6 other
 processes — one 60-epoch run takes about 6 s on an idle core)::
 
     python benchmarks/implicit_compression.py --seeds 0 1 2

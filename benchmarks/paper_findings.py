@@ -1,6 +1,6 @@
 """Reproduce the paper's findings on scikit-learn digits, with spread over seeds.
 
-Run (not part of CI; about 20–25 minutes on 2 shared CPU cores with the defaults)::
+Run (not part of CI; 22 minutes measured on 2 CPU cores, one thread, shared with 6–10 other processes)::
 
     python benchmarks/paper_findings.py                      # all experiments, 3 seeds
     python benchmarks/paper_findings.py --only A E --seeds 0 1

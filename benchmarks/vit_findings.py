@@ -15,7 +15,7 @@ sensitivity is measured two ways: the exact input–logit Jacobian
 Lipschitz constant) and ``Σ_l log σ₁(W_l)`` over the projections (the log of
 the σ₁ product; no bound, a scale indicator).
 
-Run (not part of CI; 51 minutes measured on 2 CPU cores shared with a load of 13–21 other
+Run (not part of CI; 9 minutes measured on 2 CPU cores, one thread, shared with 6–10 other
 processes, 21 runs)::
 
     python benchmarks/vit_findings.py --seeds 0 1 2
