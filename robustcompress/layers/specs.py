@@ -103,7 +103,9 @@ def _orient(w: torch.Tensor, transpose: bool) -> torch.Tensor:
         if w.dim() != 2:
             raise ValueError(f"transpose=True needs a 2-D weight, but got shape {tuple(w.shape)}")
         return w.T
-    return w if w.dim() == 2 else rearrange(w, "o i ... -> o (i ...)")
+    # "o i ... -> o (i ...)": flatten(1) is the same view, without einops' per-call parsing
+    # (this runs for every convolution on every step).
+    return w if w.dim() == 2 else w.flatten(1)
 
 
 @dataclass(frozen=True)

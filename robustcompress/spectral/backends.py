@@ -125,8 +125,9 @@ class TorchBackend(ProductBackend):
         if not (self.block_rows and isinstance(op, MatrixView) and op.groups == 1 and op.device.type == "cpu"):
             return False
         m, n = op.shape
-        w = op.spec.matrix()
-        return m * n * w.element_size() >= self.one_read_min_bytes and m > self.block_rows and w.stride(-1) == 1
+        if m * n * op.spec.weight().element_size() < self.one_read_min_bytes or m <= self.block_rows:
+            return False
+        return op.spec.matrix().stride(-1) == 1
 
 
 def _blocked_products(op: MatrixView, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
