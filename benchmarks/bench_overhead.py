@@ -141,10 +141,11 @@ def before_after(args) -> None:
                                                                 "in_features": n_in, "batch": batch},
                                     repeats=args.rounds * 4, calls=steps)
                 med[config] = {side: statistics.median(v) for side, v in t.items()}
+                med[config].update({f"min_{side}": min(v) for side, v in t.items()})
             print(f"  {title}")
             for config, m in med.items():
                 print(f"    {config:<10s} before {m['before'] * 1e3:8.2f} ms  after {m['after'] * 1e3:8.2f} ms  "
-                      f"after/before {m['after'] / m['before']:6.3f}")
+                      f"after/before {m['after'] / m['before']:6.3f} (of minima {m['min_after'] / m['min_before']:6.3f})")
             for side in ("before", "after"):
                 print(f"    overhead ratio (penalised / plain), {side}: {med['penalised'][side] / med['plain'][side]:.3f}")
         print(f"  (before = {revs.sha[:10]})")

@@ -315,7 +315,7 @@ def bench_before_after(ref: str, ks, repeats):
 
     print(f"\nBefore/after: state.step at {ref} vs the working tree, one thread per worker, medians of "
           f"{repeats} interleaved blocks; the loop (same code on both sides) is the noise control")
-    print(f"{'set':22} {'k':>2} {'what':>10} {'before':>11} {'after':>11} {'after/before':>12}")
+    print(f"{'set':22} {'k':>2} {'what':>10} {'before':>11} {'after':>11} {'after/before':>12} {'of minima':>10}")
     with Revisions(ref) as revs:
         for model in CPU_MODELS:
             for k in ks:
@@ -323,7 +323,8 @@ def bench_before_after(ref: str, ks, repeats):
                                       ("loop", "bench_spectral:folded_loop_case")):
                     t = revs.interleave(factory, {"model": model, "k": k}, repeats)
                     b, a = statistics.median(t["before"]), statistics.median(t["after"])
-                    print(f"{CPU_LABELS[model]:22} {k:2d} {what:>10} {fmt(b):>11} {fmt(a):>11} {a / b:12.2f}",
+                    lo = min(t["after"]) / min(t["before"])  # the least disturbed block of each side
+                    print(f"{CPU_LABELS[model]:22} {k:2d} {what:>10} {fmt(b):>11} {fmt(a):>11} {a / b:12.2f} {lo:10.2f}",
                           flush=True)
         print(f"(before = {revs.sha[:10]})")
 
