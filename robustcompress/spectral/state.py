@@ -418,7 +418,13 @@ class SpectralState(nn.Module):
         return self._buf(name).S.detach().clone()
 
     def vectors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(U, V)``: left (``m × k``) and right (``n × k``) singular vector estimates, detached."""
+        """``(U, V)``: left (``m × k``) and right (``n × k``) singular vector estimates, detached.
+
+        For a layer sharded by FSDP2 (``DTensor``) the sharded block is a
+        ``DTensor`` too, and for a slice that straddles the ranks (packed Q/K/V
+        rows) it spans the weight's whole sharded axis, zero outside the slice
+        (see :mod:`robustcompress.spectral.sharded`): ``L × k``, not ``m × k``.
+        """
         b = self._buf(name)
         return b.U.detach().clone(), b.V.detach().clone()
 

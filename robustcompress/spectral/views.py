@@ -522,8 +522,9 @@ def _conv_function(spec: MatrixSpec | LowRankSpec, input_shape: tuple[int, ...])
 
         def fn(x):
             return conv.apply(x, spec.weight().to(dtype))
-        frob = None
-        if conv.padding_mode == "zeros":
+        if conv.padding_mode != "zeros":
+            frob = None
+        else:
             # ‖A‖_F² = Σ over output positions of the squared taps that land
             # inside the input = the convolution of an all-ones input with W².
             def frob():
