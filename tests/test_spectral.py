@@ -345,3 +345,26 @@ def test_record_input_shapes_rejects_unknown_names_and_leaves_no_hooks():
         record_input_shapes(model, torch.zeros(1, 1, 6, 6), ["0", "nope"])
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
     assert record_input_shapes(model, torch.zeros(2, 1, 6, 6)) == {"0": (1, 6, 6), "3": (32,)}
+
+
+def test_layer_checks_still_catch_changes_after_a_checked_step():
+    # The per-step layer check skips work when nothing it reads changed; every change must still be seen.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    state = SpectralState(model, k=2)
+    state.step()
+    state.step()  # the fast path now applies
+    model.double()  # dtype change: the warm vectors follow
+    state.step()
+    assert state.vectors("0")[1].dtype == torch.float64
+    with torch.no_grad():
+        model[0].weight.data = torch.randn(9, 6, dtype=torch.float64)  # resized in place
+    with pytest.raises(ValueError, match="changed shape"):
+        state.step()
+    model[0].weight = nn.Parameter(torch.randn(8, 6, dtype=torch.float64))  # a new parameter, old shape
+    state.step()
+    state.sigma("0").backward()  # σ is read from the new parameter
+    assert model[0].weight.grad is not None
+    model[2] = nn.Identity()
+    with pytest.raises(ValueError, match="was replaced"):
+        state.step()

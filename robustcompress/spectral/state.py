@@ -58,6 +58,17 @@ def _exponent_range(dtype: torch.dtype) -> tuple[int, int]:
     return math.ceil(math.log2(info.tiny)) + 1, min(math.floor(math.log2(info.max)) - 1, -math.ceil(math.log2(info.tiny)) - 1)
 
 
+def _fingerprint(layer: Layer, buf: nn.Module) -> tuple | None:
+    """What :meth:`SpectralState._check_layer` depends on: the stored tensors (identity, type, shape, device,
+    dtype) and the warm vectors' shapes, device and dtype. Equal fingerprints skip the full check."""
+    try:
+        params = layer.parameters
+    except AttributeError:  # a stored tensor is gone (e.g. a removed parametrization): always check fully
+        return None
+    tensors = tuple((id(p), type(p), p.shape, p.device, p.dtype) for p in params)
+    return tensors + ((buf.U.shape, buf.V.shape, buf.V.device, buf.V.dtype),)
+
+
 def _key(name: str) -> str:
     return name.replace(".", "-") or "-root"
 
@@ -184,6 +195,8 @@ class SpectralState(nn.Module):
         if backend != "torch":
             self._backends.insert(0, FusedBackend(strict=backend == "triton"))
         self.aliases: dict[str, str] = {}
+        # Per layer, what _check_layer last accepted (see _fingerprint).
+        self._checked: dict[str, tuple] = {}
 
         self.options = ViewOptions(attention=attention)
         tracked = self._choose_layers(model, layers)
@@ -471,6 +484,10 @@ class SpectralState(nn.Module):
             module = self._model.get_submodule(layer.module_name)
         except AttributeError:
             raise ValueError(f"Layer {name!r} is no longer in the model; build a new SpectralState") from None
+        buf = self.layers[_key(name)]
+        seen = self._checked.get(name)
+        if seen is not None and module is layer.module and seen == _fingerprint(layer, buf):
+            return  # nothing the checks below read has changed since they last passed
         if module is not layer.module:
             # The module was replaced (e.g. by pruning): describe the new one with the same view.
             views = {v.name: v for v in layer_views(module, self.options)}
@@ -484,7 +501,6 @@ class SpectralState(nn.Module):
         op = self._ops[name]
         # A sharded block spans the weight's whole sharded axis (see ShardedView).
         m, n = op.buffer_shape if isinstance(op, ShardedView) else op.shape
-        buf = self.layers[_key(name)]
         if isinstance(op, ShardedView):
             # Warm vectors drawn for the full operator are sliced to this rank's rows (once).
             op.shard_buffers(buf)
@@ -495,6 +511,7 @@ class SpectralState(nn.Module):
             raise ValueError(
                 f"Layer {name!r} changed shape since the SpectralState was built: operator was "
                 f"{buf.U.shape[0]}×{buf.V.shape[0]}, now {m}×{n}. Build a new SpectralState.")
+        self._checked[name] = _fingerprint(self._layers[name], buf)
 
     def _products(self, names: list[str], scales: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``U₀ = (W/c) V`` and ``Y = (W/c)ᵀ U₀`` for every layer, each back-end taking the layers it computes.
