@@ -91,8 +91,8 @@ def power_step(u0s: list[torch.Tensor], ys: list[torch.Tensor], vs: list[torch.T
     yn = torch.stack(torch._foreach_norm(ys))
     ok = torch.isfinite(s) & torch.isfinite(yn)
     safe = torch.where(ok & (s > 0), s, torch.ones_like(s))
-    r = torch._foreach_sub(torch._foreach_div(ys, list(safe.unbind(0))),
-                           torch._foreach_mul(vs, list(safe.unbind(0))))
+    per = list(safe.unbind(0))
+    r = torch._foreach_sub(torch._foreach_div(ys, per), torch._foreach_mul(vs, per))
     radius = torch.stack(torch._foreach_norm(r)) / math.sqrt(2.0)
     radius = torch.where(ok & (s > 0), radius, torch.full_like(radius, math.inf))
     return s, yn, radius, ok
