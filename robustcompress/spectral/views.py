@@ -221,6 +221,18 @@ class MatrixView(LinearOperator):
         return w if s is None else s[:, None] * w
 
     def matvec(self, v):
+        return self._matvec(v, self.scale())
+
+    def rmatvec(self, u):
+        return self._rmatvec(u, self.scale())
+
+    def products(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The scale is recomputed from the BatchNorm statistics on each call: once for both products.
+        s = self.scale()
+        u0 = self._matvec(v, s)
+        return u0, self._rmatvec(u0, s)
+
+    def _matvec(self, v: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
         # The row scale is applied to the product, never to W: diag(s)·W would
         # write a scaled copy of the weight on every call.
         if self.groups == 1:
@@ -228,23 +240,9 @@ class MatrixView(LinearOperator):
         else:
             vg = rearrange(v, "(g c) k -> g c k", g=self.groups)
             out = rearrange(torch.bmm(self._blocks_raw(), vg), "g o k -> (g o) k")
-        s = self.scale()
         return out if s is None else s[:, None] * out
 
-    def products(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # One read of the weight's view and one scale for both products.
-        if self.groups != 1:
-            return super().products(v)
-        w = self.spec.matrix().to(self.dtype)
-        s = self.scale()
-        u0 = thin_product(w, v)
-        if s is None:
-            return u0, thin_product(w.T, u0)
-        u0 = s[:, None] * u0
-        return u0, thin_product(w.T, s[:, None] * u0)
-
-    def rmatvec(self, u):
-        s = self.scale()
+    def _rmatvec(self, u: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
         if s is not None:
             u = s[:, None] * u
         if self.groups == 1:
