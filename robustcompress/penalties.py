@@ -513,9 +513,18 @@ class SpectralNormPenalty(Penalty):
             kwargs.setdefault("exclude_head", False)
         super().__init__(state_or_model, strength, **kwargs)
         self.mode = mode
+        #: the mode's one parameter (``target`` or ``log_floor``), None for ``"square"``
         self.parameter = parameter
-        self.target = parameter if entry.option == "target" else None
-        self.log_floor = parameter if entry.option == "log_floor" else None
+
+    @property
+    def target(self) -> float | None:
+        """``τ`` of ``mode="hinge"`` (None for other modes)."""
+        return self.parameter if SPECTRAL_MODES[self.mode].option == "target" else None
+
+    @property
+    def log_floor(self) -> float | None:
+        """``δ`` of ``mode="log_k2"`` (None for other modes)."""
+        return self.parameter if SPECTRAL_MODES[self.mode].option == "log_floor" else None
 
     def _closed_form_layers(self) -> bool:
         # The rank-one update u vᵀ lands on the stored weight: the operator must be
