@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._checks import bool_arg, fraction, module_arg, positive_int
-from ..layers import LowRankLinear, best_rank_factors, head_name, to_low_rank
+from ..layers import LowRankLinear, head_name, to_low_rank
 from ..metrics import rank_for_energy
 from ._common import mask_hooks, set_submodule
 from ._kinds import is_conv1d_transposed, is_truncatable_kind, operator_matrix, truncation_refusal
@@ -260,13 +260,4 @@ def _warn_dense(reasons: Mapping[str, str]) -> None:
 
 def _conv1d_low_rank(layer: nn.Module, rank: int) -> LowRankLinear:
     """A transformers ``Conv1D`` (``y = x W + b``, ``W`` stored ``in × out``) as a LowRankLinear of ``Wᵀ``."""
-    w = layer.weight
-    n_in, n_out = w.shape
-    new = LowRankLinear(n_in, n_out, rank, bias=layer.bias is not None, device=w.device, dtype=w.dtype)
-    a, b = best_rank_factors(w.detach().T, rank)
-    with torch.no_grad():
-        new.weight_a.copy_(a)
-        new.weight_b.copy_(b)
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias)
-    return new
+    return LowRankLinear.from_weight(layer.weight.T, layer.bias, rank)

@@ -114,17 +114,34 @@ class LowRankLinear(nn.Module):
         """The best rank-``rank`` approximation of ``linear`` (Eckart–Young), bias copied."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Expected an nn.Linear, but got {type(linear).__name__}")
-        w = linear.weight
-        if rank > min(w.shape):
-            raise ValueError(f"Expected rank <= min(weight shape) = {min(w.shape)}, but got rank={rank}")
-        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
-                    device=w.device, dtype=w.dtype)
-        a, b = best_rank_factors(w, rank)
+        return cls.from_weight(linear.weight, linear.bias, rank)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, rank: int) -> "LowRankLinear":
+        """The best rank-``rank`` approximation ``B·A`` of the map ``x ↦ W x + b`` (Eckart–Young).
+
+        Args:
+            weight: ``W``, ``out × in`` as the layer applies it (e.g. ``Wᵀ`` of a
+                weight stored in × out, like transformers' ``Conv1D``).
+            bias: ``b`` (copied) or None.
+            rank: ``1 ≤ rank ≤ min(out, in)``.
+
+        Example:
+            >>> w = torch.randn(5, 3)
+            >>> layer = LowRankLinear.from_weight(w, None, rank=3)
+            >>> torch.allclose(layer.weight, w, atol=1e-5)
+            True
+        """
+        if rank > min(weight.shape):
+            raise ValueError(f"Expected rank <= min(weight shape) = {min(weight.shape)}, but got rank={rank}")
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, rank, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        a, b = best_rank_factors(weight.detach(), rank)
         with torch.no_grad():
             layer.weight_a.copy_(a)
             layer.weight_b.copy_(b)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+            if bias is not None:
+                layer.bias.copy_(bias)
         return layer
 
     def extra_repr(self) -> str:
