@@ -219,6 +219,22 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return cov / var if var else float("nan")
 
 
+def margin_agreement(models: list[tuple]) -> tuple[int, int]:
+    """Among pairs of models at equal normalised margin, how often the more robust one is the less concentrated.
+
+    ``models``: tuples ``(name, normalised margin, concentration ½Σ log c_spec, robust accuracy, …)``.
+    A pair counts when the margins lie within ±15 % of each other and the robust
+    accuracies differ by more than 2 points. Returns ``(agree, pairs)``.
+    """
+    agree = total = 0
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            if abs(a[1] / b[1] - 1) <= 0.15 and abs(a[3] - b[3]) > 0.02:
+                total += 1
+                agree += (a[3] - b[3]) * (a[2] - b[2]) < 0
+    return agree, total
+
+
 def load(path: pathlib.Path, fresh: bool) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not fresh else {}
 

@@ -260,12 +260,7 @@ def report(results: dict, dyn: list[Dyn], plugin: list[tuple[str, list[Dyn]]], c
                            agg(results, nm, lambda r: r["log_concentration"])[0],
                            *agg(results, nm, lambda r: r["pgd_linf"])))
     models.sort(key=lambda m: m[1])
-    agree = total = 0
-    for i, a in enumerate(models):
-        for b in models[i + 1:]:
-            if abs(a[1] / b[1] - 1) <= 0.15 and abs(a[3] - b[3]) > 0.02:
-                total += 1
-                agree += (a[3] - b[3]) * (a[2] - b[2]) < 0
+    agree, total = C.margin_agreement(models)
     held_margin = total > 0 and agree >= 0.75 * total
     verdicts.append((f"(f) at equal normalised margin the less concentrated recipe is the more robust "
                      f"({agree} of {total} pairs)", held_margin))

@@ -53,6 +53,7 @@ from torch.utils.data import TensorDataset
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 from robustcompress import demo
 from robustcompress.attacks import adversarial_batch
@@ -70,6 +71,8 @@ from robustcompress.penalties import (
     default_penalties,
 )
 from robustcompress.spectral import SpectralState
+
+import _findings_common as C
 
 # ----------------------------------------------------------------------------- settings
 
@@ -247,23 +250,9 @@ def run_one(spec: Spec, seed: int, epochs: int, at_epochs: int, quick: bool) -> 
 # ----------------------------------------------------------------------------- statistics and tables
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def agg(results: dict, exp: str, name: str, key: str, reduce: Callable[[Any], float] = float) -> tuple[float, float]:
     runs = results.get(exp, {}).get(name, {})
-    return mean_std([reduce(r[key]) for r in runs.values() if r.get(key) is not None])
-
-
-def fmt(ms: tuple[float, float], digits: int = 3) -> str:
-    m, s = ms
-    if math.isnan(m):
-        return "n/a"
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    return C.mean_std([reduce(r[key]) for r in runs.values() if r.get(key) is not None])
 
 
 def mean_list(v: list) -> float:
@@ -292,7 +281,7 @@ def table(results: dict, exp: str, names: list[str], columns=COLUMNS) -> str:
     for name in names:
         if not results.get(exp, {}).get(name):
             continue
-        cells = [fmt(agg(results, exp, name, key, red), d) for key, _, red, d in columns]
+        cells = [C.fmt(agg(results, exp, name, key, red), d) for key, _, red, d in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -301,26 +290,11 @@ def seeds_of(results: dict, exp: str, name: str) -> int:
     return len(results.get(exp, {}).get(name, {}))
 
 
-def spearman(xs: list[float], ys: list[float]) -> float:
-    """Spearman rank correlation (no ties expected; ties get their order of appearance)."""
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        for pos, i in enumerate(order):
-            r[i] = float(pos)
-        return r
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return cov / var if var else float("nan")
-
-
 def paired_delta(results: dict, exp_a: str, a: str, exp_b: str, b: str, key: str,
                  reduce: Callable[[Any], float] = float) -> tuple[float, float]:
     """Mean ± std over seeds of ``b − a`` (same seed, same data order)."""
     ra, rb = results.get(exp_a, {}).get(a, {}), results.get(exp_b, {}).get(b, {})
-    return mean_std([reduce(rb[s][key]) - reduce(ra[s][key]) for s in ra if s in rb])
+    return C.mean_std([reduce(rb[s][key]) - reduce(ra[s][key]) for s in ra if s in rb])
 
 
 def ratio_of_means(results, exp_a, a, exp_b, b, key, reduce=float) -> float:
@@ -414,10 +388,6 @@ def plot_plugin(results: dict, path: pathlib.Path) -> None:
 VERDICTS: list[tuple[str, bool]] = []
 
 
-def _yes(flag: bool) -> str:
-    return "**held**" if flag else "**did not hold**"
-
-
 def section_a(r: dict) -> list[str]:
     names = ["dense"] + [f"rank {k}" for k in RANKS]
     have = [n for n in names if r.get("A", {}).get(n)]
@@ -434,14 +404,14 @@ def section_a(r: dict) -> list[str]:
                              ("pgd_l2", "PGD L2 ε=0.5", +1), ("clean", "clean accuracy", +1)):
         red = mean_list if key == "c_spec" else float
         ys = [agg(r, "A", n, key, red)[0] for n in have]
-        rho = spearman(rank_x, ys)
+        rho = C.spearman(rank_x, ys)
         direction = "rises" if rho < 0 else "falls"
         ok = (rho * want) > 0.5
         verb = "falls" if want > 0 else "rises"
         if key != "clean":
             VERDICTS.append((f"(a) {label} {verb} as the rank falls (ρ = {rho:+.2f})", ok))
         lines.append(f"- {label} {direction} as r falls (Spearman ρ(rank, mean) = {rho:+.2f}); claim that it {verb}: "
-                     f"{_yes(ok) if key != 'clean' else '(context)'}")
+                     f"{C.yes(ok) if key != 'clean' else '(context)'}")
     out += ["Trend over dense → rank 64 → … → rank 4 (means over seeds):", ""] + lines + [""]
     if r.get("A", {}).get("rank 32") and r.get("A", {}).get("dense"):
         k_d, k_32 = agg(r, "A", "dense", "k2")[0], agg(r, "A", "rank 32", "k2")[0]
@@ -451,21 +421,21 @@ def section_a(r: dict) -> list[str]:
                 f"(×{k_32 / k_d:.1f}), L∞ ε=0.05 {l_32:.3f} against {l_d:.3f}.", ""]
     widths = [f"width {w}" for w in NARROW if r.get("A", {}).get(f"width {w}")]
     if widths and r.get("A", {}).get("dense"):
-        parts = [f"{n}: K₂ {fmt(agg(r, 'A', n, 'k2'), 1)}, PGD L∞ ε=0.1 paired difference "
-                 f"{fmt(paired_delta(r, 'A', 'dense', 'A', n, 'pgd_linf'))}" for n in widths]
+        parts = [f"{n}: K₂ {C.fmt(agg(r, 'A', n, 'k2'), 1)}, PGD L∞ ε=0.1 paired difference "
+                 f"{C.fmt(paired_delta(r, 'A', 'dense', 'A', n, 'pgd_linf'))}" for n in widths]
         k_up = all(agg(r, "A", n, "k2")[0] > agg(r, "A", "dense", "k2")[0] for n in widths)
         neu_up = all(agg(r, "A", n, "c_neu", mean_list)[0] > agg(r, "A", "dense", "c_neu", mean_list)[0] for n in widths)
         d_w = max(abs(paired_delta(r, "A", "dense", "A", n, "pgd_linf")[0]) for n in widths)
         d_r8 = abs(paired_delta(r, "A", "dense", "A", "rank 8", "pgd_linf")[0]) if r["A"].get("rank 8") else float("nan")
         out += ["Pruned width (narrower dense layers) against dense: " + "; ".join(parts) + ". "
-                f"K₂ rises with narrower layers: {_yes(k_up)}; c_neu (neuron concentration) rises: {_yes(neu_up)}; "
+                f"K₂ rises with narrower layers: {C.yes(k_up)}; c_neu (neuron concentration) rises: {C.yes(neu_up)}; "
                 f"largest robust-accuracy change {d_w:.3f} against {d_r8:.3f} for rank 8.", ""]
         VERDICTS.append(("(a) narrower dense layers raise K₂", k_up))
     if r.get("A", {}).get("rank 8") and r.get("A", {}).get("dense"):
         d_clean = paired_delta(r, "A", "dense", "A", "rank 8", "clean")
         d_rob = paired_delta(r, "A", "dense", "A", "rank 8", "pgd_linf")
         ratio = ratio_of_means(r, "A", "dense", "A", "rank 8", "k2")
-        out += [f"Rank 8 against dense (paired by seed): clean {fmt(d_clean)}, PGD L∞ ε=0.1 {fmt(d_rob)}, "
+        out += [f"Rank 8 against dense (paired by seed): clean {C.fmt(d_clean)}, PGD L∞ ε=0.1 {C.fmt(d_rob)}, "
                 f"K₂ ×{ratio:.1f} (design doc: about ×7, 0.37 → 0.20).", ""]
     return out
 
@@ -492,9 +462,9 @@ def section_b(r: dict) -> list[str]:
         dcs = paired_delta(r, "A", "dense", "B", n, "c_spec", mean_list)
         drob = paired_delta(r, "A", "dense", "B", n, "pgd_linf")
         dm = paired_delta(r, "A", "dense", "B", n, "norm_margin")
-        lines.append(f"- {n} vs dense (paired): concentration ½Σlog c_spec {fmt(dc, 2)}, c_spec {fmt(dcs)}, "
-                     f"c_neu {fmt(dneu, 4)}; scale Σlog‖W‖_F {fmt(ds, 2)}; normalised margin {fmt(dm, 5)}; "
-                     f"PGD L∞ ε=0.1 {fmt(drob)}.")
+        lines.append(f"- {n} vs dense (paired): concentration ½Σlog c_spec {C.fmt(dc, 2)}, c_spec {C.fmt(dcs)}, "
+                     f"c_neu {C.fmt(dneu, 4)}; scale Σlog‖W‖_F {C.fmt(ds, 2)}; normalised margin {C.fmt(dm, 5)}; "
+                     f"PGD L∞ ε=0.1 {C.fmt(drob)}.")
     out += ["Both effects, separately (positive = higher than dense):", ""] + lines + [""]
     present = [n for n in names if r.get("B", {}).get(n)]
     if present:
@@ -504,9 +474,9 @@ def section_b(r: dict) -> list[str]:
         neu = [n for n in present if paired_delta(r, "A", "dense", "B", n, "c_neu", mean_list)[0] > 0]
         gl = [n for n in present if n.startswith("group lasso")]
         gl_text = ", ".join(f"{n} {agg(r, 'B', n, 'pgd_linf')[0]:.3f}" for n in gl)
-        out += [f"Concentration (½Σ log c_spec) rose for every regulariser: {_yes(conc)}; c_neu rose (mean) for "
+        out += [f"Concentration (½Σ log c_spec) rose for every regulariser: {C.yes(conc)}; c_neu rose (mean) for "
                 f"{len(neu)} of {len(present)} ({', '.join(neu) or 'none'}; compare the paired spreads above); the "
-                f"scale (Σ log‖W‖_F) shrank for every regulariser: {_yes(scale)}; PGD L∞ ε=0.1 robust accuracy rose "
+                f"scale (Σ log‖W‖_F) shrank for every regulariser: {C.yes(scale)}; PGD L∞ ε=0.1 robust accuracy rose "
                 f"against the unregularised baseline for {len(gain)} of {len(present)}. Earlier measurement: group "
                 f"lasso 0.37 → 0.53; here dense {agg(r, 'A', 'dense', 'pgd_linf')[0]:.3f} → {gl_text}.", ""]
         VERDICTS.extend([("(b) regularisers raise concentration (c_spec)", conc),
@@ -523,10 +493,10 @@ def section_b(r: dict) -> list[str]:
         near = min((a for a in arch if r.get("A", {}).get(a)), key=lambda a: abs(int(a.split()[1]) - r99), default=None)
         if near is None:
             continue
-        lines.append(f"- {n}: mean rank99 {r99:.1f}, prunable {fmt(agg(r, 'B', n, 'prunable'))}, PGD L∞ ε=0.1 "
-                     f"{fmt(agg(r, 'B', n, 'pgd_linf'))}, normalised margin {fmt(agg(r, 'B', n, 'norm_margin'), 5)} — "
+        lines.append(f"- {n}: mean rank99 {r99:.1f}, prunable {C.fmt(agg(r, 'B', n, 'prunable'))}, PGD L∞ ε=0.1 "
+                     f"{C.fmt(agg(r, 'B', n, 'pgd_linf'))}, normalised margin {C.fmt(agg(r, 'B', n, 'norm_margin'), 5)} — "
                      f"vs {near} (rank99 {agg(r, 'A', near, 'rank99', mean_list)[0]:.1f}): PGD L∞ "
-                     f"{fmt(agg(r, 'A', near, 'pgd_linf'))}, normalised margin {fmt(agg(r, 'A', near, 'norm_margin'), 5)}.")
+                     f"{C.fmt(agg(r, 'A', near, 'pgd_linf'))}, normalised margin {C.fmt(agg(r, 'A', near, 'norm_margin'), 5)}.")
     out += ["Like with like — each regularised model against the architecture-compressed model of the nearest "
             "rank at 99 % energy (rank99 of a regularised model is a soft rank: its tail holds 1 % of the energy):",
             "", *lines, "", "At the same rank the regularised models are far more robust than the architecture-compressed "
@@ -548,12 +518,7 @@ def equal_margin(r: dict) -> list[str]:
     models.sort(key=lambda m: m[1])
     rows = ["| model (width 256) | M/Π‖W‖_F | ½Σ log c_spec | PGD L∞ ε=0.1 |", "|---|---|---|---|"]
     rows += [f"| {n} | {nm:.5f} | {c:.2f} | {m:.3f} ± {sd:.3f} |" for n, nm, c, m, sd in models]
-    agree = total = 0
-    for i, a in enumerate(models):
-        for b in models[i + 1:]:
-            if abs(a[1] / b[1] - 1) <= 0.15 and abs(a[3] - b[3]) > 0.02:
-                total += 1
-                agree += (a[3] - b[3]) * (a[2] - b[2]) < 0
+    agree, total = C.margin_agreement(models)
     VERDICTS.append(("(b) at equal normalised margin, the less concentrated model is the more robust "
                      f"({agree} of {total} pairs)", total > 0 and agree >= 0.75 * total))
     return ["At equal normalised margin `M/Π_l‖W_l‖_F` (the scale-free margin: rescaling the layers of a bias-free "
@@ -581,8 +546,8 @@ def section_c(r: dict) -> list[str]:
             d2 = paired_delta(r, "C", a, "C", b, "pgd_l2")
             dk = ratio_of_means(r, "C", a, "C", b, "k2")
             VERDICTS.append((f"(c) the rank-8 gap persists under {label}", d[0] < 0 and d2[0] < 0))
-            out.append(f"- {label}: rank 8 minus dense, PGD L∞ ε=0.1 {fmt(d)}, PGD L2 {fmt(d2)}, K₂ ×{dk:.1f}; "
-                       f"gap persists: {_yes(d[0] < 0 and d2[0] < 0)}")
+            out.append(f"- {label}: rank 8 minus dense, PGD L∞ ε=0.1 {C.fmt(d)}, PGD L2 {C.fmt(d2)}, K₂ ×{dk:.1f}; "
+                       f"gap persists: {C.yes(d[0] < 0 and d2[0] < 0)}")
     return out + [""]
 
 
@@ -596,7 +561,7 @@ def section_d(r: dict) -> list[str]:
             continue
         base = {"AT rank 8": ("C", "AT dense"), "transfer rank 8": ("C", "transfer dense")}.get(n, ("A", "dense"))
         d = paired_delta(r, base[0], base[1], exp, n, "uap")
-        rows.append(f"| {n} | {fmt(agg(r, exp, n, 'uap'))} | {base[1]} {fmt(agg(r, *base, 'uap'))} | {fmt(d)} |")
+        rows.append(f"| {n} | {C.fmt(agg(r, exp, n, 'uap'))} | {base[1]} {C.fmt(agg(r, *base, 'uap'))} | {C.fmt(d)} |")
     higher = sum(1 for row in rows if not row.split("|")[-2].strip().startswith("-"))
     arch = [row for row in rows if row.split("|")[1].strip().startswith(("rank", "width", "AT", "transfer"))]
     reg = [row for row in rows if row not in arch]
@@ -613,8 +578,8 @@ def section_d(r: dict) -> list[str]:
            f"Architecture compression (rank, width, and rank 8 under adversarial training / transfer): higher mean "
            f"fooling rate in {arch_up} of {len(arch)}. Regularisers (which also shrink the scale): {reg_up} of "
            f"{len(reg)}; compare the paired differences with their spreads.", "",
-           f"Dense baseline: {fmt(dense)}. Compressed models with a higher mean fooling rate than their "
-           f"uncompressed baseline: {higher} of {len(rows)}; claim {_yes(bool(rows) and higher == len(rows))} "
+           f"Dense baseline: {C.fmt(dense)}. Compressed models with a higher mean fooling rate than their "
+           f"uncompressed baseline: {higher} of {len(rows)}; claim {C.yes(bool(rows) and higher == len(rows))} "
            "for every compressed model" + (" (see the rows that differ)." if rows and higher != len(rows) else "."), ""]
     return out
 
@@ -678,11 +643,11 @@ def section_e(r: dict) -> list[str]:
         if suffix != " + penalty" and r.get("E", {}).get(base + " + penalty"):
             d_pen = paired_delta(r, exp, base, "E", base + " + penalty", "pgd_linf")[0]
             gain = (f" — {100 * d_rob[0] / d_pen:.0f} % of the σ₁²-only gain ({d_pen:+.3f})" if d_pen > 0 else "")
-        out += [f"- **{base}** →{suffix} (paired by seed): PGD L∞ ε=0.1 {fmt(d_rob)} (goal ≥ +{goal:.2f}: "
-                f"{_yes(d_rob[0] >= goal)}){gain}; PGD L2 {fmt(d_l2)}; clean {fmt(d_clean)} (≤ 1 point loss: "
-                f"{_yes(d_clean[0] >= -0.01)}); prunable {p0:.3f} → {p1:.3f} (≥ 90 % kept: {_yes(keep_prune)}; "
-                f"same within 10 %: {_yes(same_prune)}); mean rank99 {k0:.1f} → {k1:.1f} (≥ 90 % kept: "
-                f"{_yes(keep_rank)})."
+        out += [f"- **{base}** →{suffix} (paired by seed): PGD L∞ ε=0.1 {C.fmt(d_rob)} (goal ≥ +{goal:.2f}: "
+                f"{C.yes(d_rob[0] >= goal)}){gain}; PGD L2 {C.fmt(d_l2)}; clean {C.fmt(d_clean)} (≤ 1 point loss: "
+                f"{C.yes(d_clean[0] >= -0.01)}); prunable {p0:.3f} → {p1:.3f} (≥ 90 % kept: {C.yes(keep_prune)}; "
+                f"same within 10 %: {C.yes(same_prune)}); mean rank99 {k0:.1f} → {k1:.1f} (≥ 90 % kept: "
+                f"{C.yes(keep_rank)})."
                 + _prunable_note(same_prune, p1 > p0, k1 <= k0, keep_rank)]
     bases = [b for _, b, _, _ in cases if r.get("E", {}).get(b + " + penalty")]
     bases = list(dict.fromkeys(bases))
@@ -700,7 +665,7 @@ def section_e(r: dict) -> list[str]:
                 continue
             k0 = agg(r, "B", b, "rank99", mean_list)[0]
             lines.append(f"{b}: σ₁² alone {k0:.1f} → {rank_kept[(b, ' + penalty')][1]:.1f}, σ₁² + tail {k0:.1f} → "
-                         f"{tail[1]:.1f} (≥ 90 % kept: {_yes(tail[0])})")
+                         f"{tail[1]:.1f} (≥ 90 % kept: {C.yes(tail[0])})")
         out += ["", "Where rank99 was not kept by σ₁² alone: σ₁² lowers the head of each spectrum, which spreads the "
                 "energy over more singular values. The tail term on the same state pushes the energy beyond the "
                 "baseline's rank back down — mean rank99 " + "; ".join(lines) + "."]
