@@ -147,7 +147,7 @@ def penalties_for(spec: Spec, model: nn.Module, seed: int) -> list:
     if spec.penalty:
         terms.extend(default_penalties(state, strength=spec.penalty))
     if spec.tail:
-        hidden = [n for n, _ in demo._linear_layers(model)][:-1]
+        hidden = [n for n, _ in C.weight_layers(model)][:-1]
         if len(spec.tail_k) != len(hidden):
             raise ValueError(f"tail_k={spec.tail_k} needs one k per hidden layer {hidden}")
         terms.extend(TailEnergyPenalty(state, k=k, strength=spec.tail, layers=[n])
@@ -192,26 +192,6 @@ def classes(data: TensorDataset, keep: range) -> TensorDataset:
 # ----------------------------------------------------------------------------- measuring
 
 
-def normalised_margin(model: nn.Module, test: TensorDataset) -> float:
-    """Median over correctly classified test examples of ``M(x) / Π_l ‖W_l‖_F``.
-
-    ``M(x) = f_y(x) − max_{j≠y} f_j(x)``. For a bias-free ReLU chain, rescaling
-    the layers (``W_l → c_l W_l`` with ``Π c_l = 1``) changes neither ``M`` nor the
-    product, so this is the scale-free margin; with biases it is close to it.
-    """
-    x, y = test.tensors
-    with torch.no_grad():
-        logits = model(x).double()
-    fy = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.scatter(1, y[:, None], float("-inf")).max(1).values
-    margin = fy - others
-    ok = margin > 0
-    prod = 1.0
-    for _, m in demo._linear_layers(model):
-        prod *= float(m.weight.detach().double().norm())
-    return float((margin[ok] / prod).median()) if bool(ok.any()) else 0.0
-
-
 def measure_all(model: nn.Module, train: TensorDataset, test: TensorDataset, seed: int, quick: bool) -> dict:
     cfg = demo.DemoConfig(seed=seed, pgd_steps=10 if quick else 40, uap_epochs=2 if quick else 5)
     row = demo.measure(model, train, test, cfg)
@@ -219,7 +199,7 @@ def measure_all(model: nn.Module, train: TensorDataset, test: TensorDataset, see
     x, y = test.tensors
     row["pgd_linf_005"] = robust_accuracy(model, (x, y), "pgd", eps=EPS_LINF[0], norm=float("inf"),
                                           steps=cfg.pgd_steps, seed=seed)
-    hidden = [n for n, _ in demo._linear_layers(model)][:-1]
+    hidden = [n for n, _ in C.weight_layers(model)][:-1]
     mets = [layer_metrics(model, n) for n in hidden]
     row["c_spec"] = [m["c_spec"].value for m in mets]
     row["c_neu"] = [m["c_neu"].value for m in mets]
@@ -227,7 +207,7 @@ def measure_all(model: nn.Module, train: TensorDataset, test: TensorDataset, see
     split = lipschitz_bound(model, (64,), norm=2).log_split or {}
     row["log_scale"] = split.get("scale")
     row["log_concentration"] = split.get("concentration")
-    row["norm_margin"] = normalised_margin(model, test)
+    row["norm_margin"] = C.normalised_margin(model, *test.tensors)
     return row
 
 
